@@ -1,0 +1,267 @@
+"""Rank 0: the round loop. Plan -> broadcast masks and model -> collect updates -> recover
+the global model -> evaluate -> record -> checkpoint."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from . import checkpoint as ckptmod
+from . import profiling
+from .aggregation import combine, accumulate
+from .comm import Comm
+from .config import Config
+from .masking import make_masks, neuron_keep_ratio
+from .models import MaskableCNN, ModelSpec
+from .planner import Planner
+from .strategies import make_strategy
+from .submodel import flat_from_state_dict, load_flat, num_params, param_index, state_dict_from_flat
+from .worker import STATS
+
+METRIC_UNITS = {"round_time": "s", "virtual_time": "s", "wall_clock": "s", "eval_time": "s", "checkpoint_time": "s"}
+WORKER_SERIES = ("keep_ratio", "busy_time", "idle_time", "virtual_time", "num_samples", "step_time", "train_loss", "weight", "bytes_sent")
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
+    correct, loss = 0, 0.0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            out = model(x[i : i + batch])
+            loss += float(F.cross_entropy(out, y[i : i + batch], reduction="sum"))
+            correct += int((out.argmax(1) == y[i : i + batch]).sum())
+    return correct / len(y), loss / len(y)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Aggregator:
+    def __init__(self, comm: Comm, cfg: Config, spec: ModelSpec, setup: dict, test):
+        self.comm, self.cfg, self.spec = comm, cfg, spec
+        self.num_workers = comm.size - 1
+        self.setup = setup
+        self.out = Path(cfg.run.out)
+        self.x_test, self.y_test = test
+        self.strategy = make_strategy(cfg, spec, self.num_workers)
+        self.model = MaskableCNN(spec)
+        resume = setup.get("resume_ckpt")
+        if resume is not None:
+            self._restore(resume)
+        else:
+            torch.manual_seed(cfg.run.seed)
+            self.model = MaskableCNN(spec)
+            from .submodel import flat_params
+
+            self.flat = flat_params(self.model)
+            self.start_round = 0
+            self.metrics: dict[str, list] = {}
+            self.workers: dict[str, list] = {}
+            self.masks: dict[int, list] = {}
+            self.coverage = {name: np.zeros(spec.full_widths()[name], dtype=np.int64) for name in spec.maskable}
+            self.profiles: dict[str, np.ndarray] = {}
+            self.cursors = np.zeros(self.num_workers, dtype=np.int64)
+            self.wall_offset = 0.0
+
+    # -- resume ---------------------------------------------------------------------
+    def _restore(self, ck) -> None:
+        self.flat = flat_from_state_dict(self.spec, ck.model)
+        self.start_round = ck.round
+        self.metrics = {k: list(v) for k, v in ck.metrics.items()}
+        self.workers = {k: [list(row) for row in v] for k, v in ck.workers.items()}
+        self.masks = dict(ck.masks)
+        self.coverage = {k: np.asarray(v, dtype=np.int64).copy() for k, v in ck.coverage.items()}
+        self.profiles = dict(ck.profiles)
+        self.cursors = np.asarray(ck.state.get("cursor", np.zeros(self.num_workers)), dtype=np.int64)
+        wc = self.metrics.get("wall_clock", [])
+        self.wall_offset = float(wc[-1]) if wc else 0.0
+
+    # -- profiles and planning ---------------------------------------------------------
+    def gather_profiles(self) -> None:
+        configs = profiling.configurations(self.spec)
+        rows = self.comm.gather_rows(np.zeros(3 * len(configs)))[1:]
+        c = len(configs)
+        self.profiles = {
+            "keep_ratios": configs,
+            "layers": np.array(self.spec.maskable, dtype="S"),
+            "step_time": rows[:, :c],
+            "macs": rows[:, c : 2 * c],
+            "memory_bytes": rows[:, 2 * c :],
+            "capacity": np.asarray(self.cfg.capacities(self.num_workers), dtype=np.float64),
+        }
+
+    def make_planner(self, state: dict | None) -> None:
+        if not self.strategy.needs_planner:
+            return
+        p = self.profiles
+        full_macs = self.spec.macs()
+        fits = [profiling.fit_cost(p["macs"][w] / full_macs, p["step_time"][w]) for w in range(self.num_workers)]
+        s = self.cfg.strategy
+        self.strategy.planner = Planner(
+            self.spec, [a for a, _ in fits], [b for _, b in fits],
+            min_keep=s.min_keep, local_steps=self.cfg.train.local_steps, deadline=s.deadline, replan=s.replan,
+        )
+        if state and "planner_alpha" in state:
+            self.strategy.planner.load_state(state)
+
+    # -- the round loop ------------------------------------------------------------------
+    def run(self) -> None:
+        cfg, spec = self.cfg, self.spec
+        resume = self.setup.get("resume_ckpt")
+        if resume is None:
+            self.gather_profiles()
+        self.make_planner(resume.state if resume is not None else None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        t_run = time.perf_counter()
+        if self.start_round >= cfg.run.rounds:
+            print(f"elfish-mpi: checkpoint is already at round {self.start_round} of run.rounds = {cfg.run.rounds}; nothing to do")
+        for rnd in range(self.start_round + 1, cfg.run.rounds + 1):
+            t0 = time.perf_counter()
+            # 1. plan: keep ratios per worker and layer, then this round's masks
+            ratios = self.strategy.configure(rnd)
+            masks = [
+                make_masks(spec, ratios[w], self.strategy.mask_policy, seed=cfg.run.seed, round=rnd, worker=w)
+                for w in range(self.num_workers)
+            ]
+            # 2. broadcast the plan and the global model
+            self.comm.bcast_obj({"stop": False, "round": rnd, "masks": masks})
+            self.comm.bcast_array(self.flat)
+            # 3. collect the masked updates and recover the global model
+            idxs = [param_index(spec, m) for m in masks]
+            stats, num, den = self.collect(idxs)
+            total_weight = float(stats[:, STATS.index("weight")].sum())
+            self.flat = combine(self.flat, num, den, total_weight, self.strategy.aggregation)
+            round_time = time.perf_counter() - t0
+            # 4. learn from the measured times; count which neurons were trained
+            for w in range(self.num_workers):
+                self.strategy.observe(w, ratios[w], stats[w, STATS.index("step_time")])
+                for name, kept in masks[w].items():
+                    self.coverage[name][kept] += 1
+            self.cursors = stats[:, STATS.index("cursor")].astype(np.int64)
+            # 5. evaluate, record, report, checkpoint
+            t_eval = time.perf_counter()
+            acc = loss = float("nan")
+            if rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds:
+                load_flat(self.model, self.flat)
+                acc, loss = evaluate(self.model, self.x_test, self.y_test)
+            eval_time = time.perf_counter() - t_eval
+            keep = [neuron_keep_ratio(spec, m) for m in masks]
+            self.record(rnd, round_time, acc, loss, eval_time, stats, keep, ratios, masks, time.perf_counter() - t_run)
+            self.report(rnd, acc, round_time, keep)
+            if rnd % cfg.checkpoint.every == 0 or rnd == cfg.run.rounds:
+                t_ck = time.perf_counter()
+                self.save(rnd)
+                self.metrics["checkpoint_time"][-1] = time.perf_counter() - t_ck
+        self.comm.bcast_obj({"stop": True})
+        self.summary()
+
+    def collect(self, idxs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        timeout = self.cfg.run.round_timeout
+        size = self.flat.size
+        if self.cfg.strategy.transport == "gather":
+            stats, values = self.comm.recv_updates([len(i) for i in idxs], len(STATS), timeout)
+            weights = stats[:, STATS.index("weight")]
+            num, den = accumulate(size, zip(idxs, values, weights))
+        else:
+            stats = self.comm.recv_stats(self.num_workers, len(STATS), timeout)
+            summed = self.comm.reduce_sum(np.zeros((2, size), dtype=np.float64), timeout)
+            num, den = summed[0], summed[1]
+        return stats, num, den
+
+    # -- records -------------------------------------------------------------------------
+    def record(self, rnd, round_time, acc, loss, eval_time, stats, keep, ratios, masks, elapsed) -> None:
+        col = {name: stats[:, i] for i, name in enumerate(STATS)}
+        row = {
+            "round": rnd,
+            "round_time": round_time,
+            "virtual_time": float(col["virtual_time"].max()),
+            "wall_clock": self.wall_offset + elapsed,
+            "test_accuracy": acc,
+            "test_loss": loss,
+            "train_loss": float(np.average(col["train_loss"], weights=col["num_samples"])),
+            "eval_time": eval_time,
+            "checkpoint_time": 0.0,
+        }
+        for k, v in row.items():
+            self.metrics.setdefault(k, []).append(v)
+        per_worker = {
+            "keep_ratio": keep,
+            "busy_time": col["busy_time"],
+            "idle_time": np.maximum(round_time - col["busy_time"], 0.0),
+            "virtual_time": col["virtual_time"],
+            "num_samples": col["num_samples"],
+            "step_time": col["step_time"],
+            "train_loss": col["train_loss"],
+            "weight": col["weight"],
+            "bytes_sent": col["bytes_sent"],
+        }
+        for name in self.spec.maskable:
+            per_worker[f"keep_ratio_{name}"] = [r[name] for r in ratios]
+        for k, v in per_worker.items():
+            self.workers.setdefault(k, []).append([float(x) for x in v])
+        self.masks[rnd] = masks
+
+    def report(self, rnd, acc, round_time, keep) -> None:
+        acc_s = f"{acc:6.2%}" if np.isfinite(acc) else "   -  "
+        keeps = " ".join(f"{k:.2f}" for k in keep)
+        print(f"round {rnd:4d}/{self.cfg.run.rounds}  acc {acc_s}  time {round_time:7.3f}s  keep [{keeps}]", flush=True)
+
+    def checkpoint(self, rnd: int) -> "ckptmod.Checkpoint":
+        state = {"cursor": self.cursors.copy()}
+        if self.strategy.planner is not None:
+            state.update(self.strategy.planner.state())
+        return ckptmod.Checkpoint(
+            round=rnd,
+            config=self.cfg.to_dict(),
+            strategy=self.cfg.strategy.name,
+            model=state_dict_from_flat(self.spec, self.flat),
+            metrics={k: np.asarray(v, dtype=np.float64 if k != "round" else np.int64) for k, v in self.metrics.items()},
+            workers={k: np.asarray(v, dtype=np.float64) for k, v in self.workers.items()},
+            masks=self.masks,
+            coverage=self.coverage,
+            profiles=self.profiles,
+            state=state,
+            attrs={"num_workers": self.num_workers, "model": self.spec.name},
+        )
+
+    def save(self, rnd: int) -> None:
+        ckptmod.rotate(self.out, self.checkpoint(rnd), self.cfg.checkpoint.keep)
+        self.write_csv()
+
+    def write_csv(self) -> None:
+        names = list(self.metrics)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        keep_cols = [f"keep_ratio_w{i + 1}" for i in range(self.num_workers)]
+        w.writerow(names + keep_cols)
+        for i in range(len(self.metrics["round"])):
+            w.writerow([self.metrics[n][i] for n in names] + [f"{k:.4f}" for k in self.workers["keep_ratio"][i]])
+        write_text_atomic(self.out / "metrics.csv", buf.getvalue())
+
+    def summary(self) -> None:
+        m = self.metrics
+        if not m.get("round"):
+            return
+        rt = np.asarray(m["round_time"][self.start_round :] or m["round_time"])
+        acc = [a for a in m["test_accuracy"] if np.isfinite(a)]
+        keep = np.asarray(self.workers["keep_ratio"])
+        print(
+            f"done: {m['round'][-1]} rounds, final accuracy {acc[-1]:.2%}, median round time {np.median(rt):.3f}s, "
+            f"mean keep ratio per worker [{' '.join(f'{k:.2f}' for k in keep.mean(axis=0))}], "
+            f"checkpoint {self.out / 'checkpoint.h5'}",
+            flush=True,
+        )
+        sys.stdout.flush()

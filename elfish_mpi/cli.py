@@ -1,0 +1,283 @@
+"""Command line: ``elfish-mpi train|inspect|validate|config``. ``main(argv) -> int``.
+
+``train`` runs under MPI (``mpiexec -n N elfish-mpi train ...``): rank 0 aggregates, ranks
+1..N-1 are workers. Rank 0 checks the config, the data and the run directory before any
+rank does work, and every rank leaves with the same exit code when something is wrong. An
+exception on any rank after that aborts the whole job with a message naming the rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config, parse_override
+
+# Changes between a checkpoint's config and the resuming one that are safe.
+SAFE_RESUME_KEYS = {
+    "run.rounds", "run.out", "run.round_timeout", "run.eval_every", "run.threads",
+    "checkpoint.every", "checkpoint.keep", "data.path",
+}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for (exit 2, no traceback)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # raise instead of exiting, so only rank 0 prints
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="elfish-mpi", description="ELFISH resource-aware federated learning on heterogeneous workers, over MPI.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    keys = Config.describe()
+    t = sub.add_parser(
+        "train",
+        help="run a federated training job (under mpiexec / srun)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a federated training job: mpiexec -n 5 elfish-mpi train --config FILE",
+        epilog="configuration keys (TOML sections; override any with --set section.key=value):\n\n" + keys,
+    )
+    t.add_argument("--config", help="TOML config file (optional with --resume: the checkpoint's config is used)")
+    t.add_argument("--out", help="run directory (overrides run.out)")
+    t.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint file, or from the newest valid one in a run directory")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    i = sub.add_parser("inspect", help="print a checkpoint's summary")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    v = sub.add_parser("validate", help="verify a checkpoint (layout and checksums) without running")
+    v.add_argument("checkpoint")
+    c = sub.add_parser("config", help="print the resolved config as JSON (or every key with --keys)")
+    c.add_argument("--config")
+    c.add_argument("--set", action="append", default=[])
+    c.add_argument("--keys", action="store_true")
+    return p
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(unsafe, safe) differences between two config dicts, as 'key: old -> new' lines."""
+    a, b = _flatten(old), _flatten(new)
+    unsafe, safe = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            line = f"{key}: {json.dumps(a.get(key))} -> {json.dumps(b.get(key))}"
+            (safe if key in SAFE_RESUME_KEYS else unsafe).append(line)
+    return unsafe, safe
+
+
+# ---------------------------------------------------------------------------- train
+def prepare(args, num_workers: int) -> dict:
+    """Rank 0's checks before any work. Raises ConfigError/DataError/CheckpointError/UsageError."""
+    from . import checkpoint as ckptmod
+    from . import data as datamod
+    from .models import get_spec
+
+    notes = []
+    ckpt = None
+    if args.resume:
+        src = Path(args.resume)
+        if src.is_dir():
+            path, skipped = ckptmod.find_latest_valid(src)
+            notes += skipped
+        else:
+            path = src
+            ckptmod.validate(path)
+        ckpt = ckptmod.read(path)
+        notes.append(f"resuming from {path} (round {ckpt.round})")
+    if args.config:
+        cfg = load_config(args.config, args.set)
+    elif ckpt is not None:
+        raw = json.loads(json.dumps(ckpt.config))
+        for text in args.set:
+            section, key, value = parse_override(text)
+            raw.setdefault(section, {})[key] = value
+        cfg = Config.from_dict(raw)
+    else:
+        raise UsageError("train needs --config FILE (or --resume CHECKPOINT)")
+    if args.out:
+        cfg.run.out = args.out
+    elif ckpt is not None and not args.config and Path(args.resume).is_dir():
+        cfg.run.out = str(Path(args.resume))
+    cfg.check_world(num_workers)
+    out = Path(cfg.run.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"run directory {out} exists and is not a directory")
+    if ckpt is None and (out / "checkpoint.h5").exists():
+        raise UsageError(
+            f"run directory {out} already holds a checkpoint; continue it with --resume {cfg.run.out} "
+            f"or choose another --out"
+        )
+    if ckpt is not None:
+        unsafe, safe = config_differences(ckpt.config, cfg.to_dict())
+        if unsafe:
+            raise UsageError(
+                "the config differs from the checkpoint's in ways a resumed run cannot follow:\n  " + "\n  ".join(unsafe)
+            )
+        notes += [f"config change allowed on resume: {line}" for line in safe]
+        if int(ckpt.attrs.get("num_workers", num_workers)) != num_workers:
+            raise UsageError(f"the checkpoint was written by a job with {ckpt.attrs.get('num_workers')} workers; this job has {num_workers}")
+    data_path = str(datamod.resolve_path(cfg.data.name, cfg.data.path))
+    test = datamod.load_test_data(cfg.data.name, data_path, cfg.data.test_samples)
+    in_shape = tuple(int(s) for s in test.images.shape[1:])
+    try:
+        spec = get_spec(cfg.model.name, test.num_classes, in_shape)
+    except ValueError as exc:
+        raise ConfigError(f"model.name = {cfg.model.name!r}: {exc}") from None
+    if ckpt is not None:
+        from .submodel import layout
+
+        expect = {k: tuple(s) for k, s, _ in layout(spec)}
+        got = {k: tuple(v.shape) for k, v in ckpt.model.items()}
+        if expect != got:
+            raise UsageError(f"the checkpoint's model does not fit {cfg.model.name} on {cfg.data.name}")
+    return {
+        "config": cfg.to_dict(),
+        "data_path": data_path,
+        "num_classes": test.num_classes,
+        "in_shape": in_shape,
+        "resume": ckpt is not None,
+        "cursors": [int(c) for c in ckpt.state["cursor"]] if ckpt is not None and "cursor" in ckpt.state else None,
+        "notes": notes,
+        "_test": test,
+        "_ckpt": ckpt,
+    }
+
+
+def known_errors():
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    return (ConfigError, DataError, CheckpointError, UsageError)
+
+
+def train(args) -> int:
+    from .comm import Comm
+
+    comm = Comm()
+    setup, error = None, None
+    if comm.rank == 0:
+        try:
+            setup = prepare(args, comm.size - 1)
+        except known_errors() as exc:
+            error = str(exc)
+        except Exception as exc:  # an unexpected failure of the checks themselves
+            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        public = None if error else {k: v for k, v in setup.items() if not k.startswith("_")}
+        comm.bcast_obj({"error": error, "setup": public})
+    else:
+        msg = comm.bcast_obj(None)
+        error, setup = msg["error"], msg["setup"]
+    if error:
+        if comm.rank == 0:
+            print(f"elfish-mpi: error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+    try:
+        return run_job(comm, setup)
+    except Exception as exc:
+        known = known_errors()
+        detail = "" if isinstance(exc, known) else "\n" + traceback.format_exc()
+        print(f"elfish-mpi: rank {comm.rank}: {type(exc).__name__}: {exc}{detail}", file=sys.stderr, flush=True)
+        comm.abort(1)
+        return 1
+
+
+def run_job(comm, setup: dict) -> int:
+    import torch
+
+    from . import data as datamod
+    from .aggregator import Aggregator
+    from .models import get_spec
+    from .worker import Worker
+
+    cfg = Config.from_dict(setup["config"])
+    torch.set_num_threads(cfg.run.threads)
+    spec = get_spec(cfg.model.name, setup["num_classes"], tuple(setup["in_shape"]))
+    if comm.rank == 0:
+        for note in setup["notes"]:
+            print(f"elfish-mpi: {note}", flush=True)
+        test = setup["_test"]
+        x = torch.from_numpy(datamod.normalize(test.images))
+        y = torch.from_numpy(test.labels.astype("int64"))
+        setup = dict(setup, resume_ckpt=setup["_ckpt"])
+        caps = " ".join(f"{c:g}" for c in cfg.capacities(comm.size - 1))
+        print(
+            f"elfish-mpi: {cfg.strategy.name} on {cfg.data.name} ({cfg.data.partition}), {cfg.model.name}, "
+            f"{comm.size - 1} workers, capacities [{caps}], throttle {cfg.workers.throttle}, out {cfg.run.out}",
+            flush=True,
+        )
+        Aggregator(comm, cfg, spec, setup, (x, y)).run()
+    else:
+        Worker(comm, cfg, spec, setup).run(do_profile=not setup["resume"])
+    return 0
+
+
+# ---------------------------------------------------------------------- inspection
+def inspect(args) -> int:
+    from . import checkpoint as ckptmod
+
+    ck = ckptmod.read(args.checkpoint)
+    if args.json:
+        print(json.dumps({k: [float(x) for x in v] for k, v in ck.metrics.items()}))
+    else:
+        print(ckptmod.summary(ck))
+    return 0
+
+
+def validate(args) -> int:
+    from . import checkpoint as ckptmod
+
+    ck = ckptmod.validate(args.checkpoint)
+    print(f"{args.checkpoint}: valid elfish-mpi checkpoint, round {ck.round}, strategy {ck.strategy}")
+    return 0
+
+
+def show_config(args) -> int:
+    if args.keys:
+        print(Config.describe())
+        return 0
+    print(json.dumps(load_config(args.config, args.set).to_dict(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) in ("0", ""):
+            parser.print_usage(sys.stderr)
+            print(f"elfish-mpi: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "train":
+        return train(args)
+    commands = {"inspect": inspect, "validate": validate, "config": show_config}
+    try:
+        return commands[args.command](args)
+    except known_errors() as exc:
+        print(f"elfish-mpi: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

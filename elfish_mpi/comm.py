@@ -1,0 +1,107 @@
+"""The MPI layer: the only module that imports mpi4py.
+
+Tensors travel as contiguous numpy buffers (``Bcast``, ``Gather``, ``Ireduce``, ``Isend`` /
+``Irecv``); lowercase pickled calls carry only small control messages (the round plan).
+Rank 0 never blocks without a deadline while collecting updates: it polls non-blocking
+requests and raises :class:`RoundTimeout` naming the worker ranks it still waits for.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+TAG_STATS = 11
+TAG_VALUES = 12
+_POLL = 0.0005
+
+
+class RoundTimeout(RuntimeError):
+    """Workers did not deliver their update in time."""
+
+
+class Comm:
+    def __init__(self, comm: MPI.Comm | None = None):
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+
+    # -- control ------------------------------------------------------------
+    def bcast_obj(self, obj=None):
+        return self.comm.bcast(obj, root=0)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+    # -- tensors ------------------------------------------------------------
+    def bcast_array(self, arr: np.ndarray) -> np.ndarray:
+        """Broadcast ``arr`` from rank 0 in place (every rank passes a buffer of the same shape)."""
+        self.comm.Bcast(arr, root=0)
+        return arr
+
+    def gather_rows(self, row: np.ndarray) -> np.ndarray | None:
+        """Every rank gives a float64 row of the same length; rank 0 gets (size, len)."""
+        row = np.ascontiguousarray(row, dtype=np.float64)
+        out = np.empty((self.size, row.size), dtype=np.float64) if self.rank == 0 else None
+        self.comm.Gather(row, out, root=0)
+        return out
+
+    def send_update(self, stats: np.ndarray, values: np.ndarray) -> None:
+        """A worker's round result: a float64 stats vector, then its kept values (float32)."""
+        self.comm.Send(np.ascontiguousarray(stats, dtype=np.float64), dest=0, tag=TAG_STATS)
+        self.comm.Send(np.ascontiguousarray(values, dtype=np.float32), dest=0, tag=TAG_VALUES)
+
+    def _wait_all(self, requests: list, owners: list, timeout: float, what: str) -> None:
+        pending = set(range(len(requests)))
+        deadline = time.monotonic() + timeout
+        while pending:
+            for i in list(pending):
+                if requests[i].Test():
+                    pending.discard(i)
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                late = sorted({owners[i] for i in pending})
+                raise RoundTimeout(
+                    f"no {what} from worker rank(s) {', '.join(map(str, late))} within run.round_timeout = {timeout:g} s"
+                )
+            time.sleep(_POLL)
+
+    def recv_updates(self, sizes: list[int], stats_len: int, timeout: float) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Rank 0: each worker's stats and kept values (``sizes[w]`` float32 values from rank w + 1)."""
+        stats = np.empty((len(sizes), stats_len), dtype=np.float64)
+        values = [np.empty(n, dtype=np.float32) for n in sizes]
+        reqs, owners = [], []
+        for w, n in enumerate(sizes):
+            reqs.append(self.comm.Irecv(stats[w], source=w + 1, tag=TAG_STATS))
+            reqs.append(self.comm.Irecv(values[w], source=w + 1, tag=TAG_VALUES))
+            owners += [w + 1, w + 1]
+        self._wait_all(reqs, owners, timeout, "update")
+        return stats, values
+
+    def recv_stats(self, num_workers: int, stats_len: int, timeout: float) -> np.ndarray:
+        stats = np.empty((num_workers, stats_len), dtype=np.float64)
+        reqs = [self.comm.Irecv(stats[w], source=w + 1, tag=TAG_STATS) for w in range(num_workers)]
+        self._wait_all(reqs, [w + 1 for w in range(num_workers)], timeout, "update")
+        return stats
+
+    def send_stats(self, stats: np.ndarray) -> None:
+        self.comm.Send(np.ascontiguousarray(stats, dtype=np.float64), dest=0, tag=TAG_STATS)
+
+    def reduce_sum(self, arr: np.ndarray, timeout: float) -> np.ndarray | None:
+        """Sum of every rank's ``arr`` at rank 0 (rank 0 contributes its own, usually zeros)."""
+        arr = np.ascontiguousarray(arr)
+        out = np.empty_like(arr) if self.rank == 0 else None
+        req = self.comm.Ireduce(arr, out, op=MPI.SUM, root=0)
+        if self.rank == 0:
+            self._wait_all([req], ["(reduction)"], timeout, "reduction contribution")
+        else:
+            req.Wait()
+        return out

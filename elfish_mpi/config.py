@@ -1,0 +1,328 @@
+"""Run configuration: TOML files plus ``--set section.key=value`` overrides.
+
+One keyword-only dataclass per concern, each validated in ``__post_init__`` with a
+:class:`ConfigError` that names the key and the allowed values. ``Config.describe()``
+renders every key with its default and documentation (used by ``--help`` and the README).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _positive_int(key: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} = {value!r} must be an integer >= {minimum}")
+
+
+def _number(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        bracket = "(" if lo_open else "["
+        raise ConfigError(f"{key} = {value!r} must be a number in {bracket}{lo}, {hi}]")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    rounds: int = _doc("Number of federated rounds to run (in total, counting rounds restored by --resume).", 20)
+    seed: int = _doc("Seed for model initialisation, data partition, masks and data order.", 0)
+    out: str = _doc("Run directory: checkpoint.h5, checkpoints/round-NNNNNN.h5, metrics.csv.", "runs/elfish")
+    round_timeout: float = _doc("Seconds rank 0 waits for the workers' updates in one round before ending the job.", 600.0)
+    eval_every: int = _doc("Evaluate the global model on the test set every this many rounds (and at the last).", 1)
+    threads: int = _doc("torch intra-op threads per rank (several ranks usually share the cores).", 1)
+
+    def __post_init__(self) -> None:
+        _positive_int("run.rounds", self.rounds)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"run.seed = {self.seed!r} must be an integer >= 0")
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise ConfigError("run.out must be a non-empty path")
+        _number("run.round_timeout", self.round_timeout, 0.0, 1e7, lo_open=True)
+        _positive_int("run.eval_every", self.eval_every)
+        _positive_int("run.threads", self.threads)
+
+
+DATA_NAMES = ("fashion-mnist", "mnist", "femnist", "cifar10", "npz")
+PARTITIONS = ("iid", "dirichlet", "shards", "natural")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: str = _doc("Data set: " + ", ".join(DATA_NAMES) + ".", "fashion-mnist")
+    path: str = _doc("File or directory of the data set; empty: look in the standard places (see data/README.md).", "")
+    partition: str = _doc("How training data is split over workers: " + ", ".join(PARTITIONS) + ".", "iid")
+    alpha: float = _doc("Dirichlet concentration for partition = dirichlet (smaller: more label skew).", 0.5)
+    shards_per_worker: int = _doc("Shards per worker for partition = shards.", 2)
+    max_samples: int = _doc("Cap on each worker's training samples (0: all of its partition).", 0)
+    test_samples: int = _doc("Test samples rank 0 evaluates on (0: the whole test split).", 0)
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, DATA_NAMES)
+        if not isinstance(self.path, str):
+            raise ConfigError("data.path must be a string")
+        _choice("data.partition", self.partition, PARTITIONS)
+        _number("data.alpha", self.alpha, 0.0, 1e6, lo_open=True)
+        _positive_int("data.shards_per_worker", self.shards_per_worker)
+        _positive_int("data.max_samples", self.max_samples, 0)
+        _positive_int("data.test_samples", self.test_samples, 0)
+        if self.name == "npz" and not self.path:
+            raise ConfigError("data.name = 'npz' needs data.path pointing at the .npz file")
+
+
+MODEL_NAMES = ("lenet", "alexnet")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = _doc("Model: lenet (CNN for 28x28 grey images), alexnet (AlexNet-style CNN for 32x32 RGB, CIFAR-10).", "lenet")
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, MODEL_NAMES)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    local_steps: int = _doc("SGD steps each worker takes per round.", 10)
+    batch_size: int = _doc("Mini-batch size of local training.", 32)
+    lr: float = _doc("Learning rate of local SGD.", 0.05)
+    momentum: float = _doc("SGD momentum within a round (the buffer starts from zero each round).", 0.0)
+
+    def __post_init__(self) -> None:
+        _positive_int("train.local_steps", self.local_steps)
+        _positive_int("train.batch_size", self.batch_size)
+        _number("train.lr", self.lr, 0.0, 100.0, lo_open=True)
+        _number("train.momentum", self.momentum, 0.0, 0.999)
+
+
+THROTTLES = ("sleep", "virtual", "none")
+
+
+@dataclass(kw_only=True)
+class WorkersConfig:
+    capacity: list = _doc(
+        "Relative speed of each worker rank (1.0 = full speed); one value per worker, "
+        "so its length must equal the number of ranks minus one. Empty: all 1.0.",
+        factory=list,
+    )
+    throttle: str = _doc(
+        "How a capacity below 1 is enforced: sleep (sleep after each step so wall time = compute / capacity), "
+        "virtual (no sleeping; reported times are CPU time / capacity), none (real heterogeneity of the machines).",
+        "sleep",
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.capacity, list):
+            raise ConfigError(f"workers.capacity = {self.capacity!r} must be a list of numbers in (0, 1]")
+        for i, c in enumerate(self.capacity):
+            _number(f"workers.capacity[{i}]", c, 0.0, 1.0, lo_open=True)
+        self.capacity = [float(c) for c in self.capacity]
+        _choice("workers.throttle", self.throttle, THROTTLES)
+
+
+STRATEGIES = ("fedavg", "elfish")
+AGGREGATIONS = ("balanced", "naive")
+MASK_POLICIES = ("random", "rolling", "ordered")
+TRANSPORTS = ("gather", "reduce")
+
+
+@dataclass(kw_only=True)
+class StrategyConfig:
+    name: str = _doc("fedavg (every worker trains the full model; the round waits for all) or elfish.", "elfish")
+    aggregation: str = _doc(
+        "balanced (each parameter averaged over the workers that trained it) or naive (masked parameters count as zero updates).",
+        "balanced",
+    )
+    mask_policy: str = _doc(
+        "Which neurons a soft-training worker keeps: random (a fresh random set every round), "
+        "rolling (a window that moves every round), ordered (always the first k).",
+        "random",
+    )
+    min_keep: float = _doc("Smallest keep ratio the planner may give a layer.", 0.25)
+    keep_ratios: list = _doc("Fixed keep ratio per worker (overrides planning); empty: planned from the profiles.", factory=list)
+    deadline: float = _doc("Round deadline in seconds for planning; 0: the fastest worker's full-model round time.", 0.0)
+    balance: float = _doc(
+        "Balancing exponent b of aggregation: a worker's weight is num_samples * keep_ratio**b, "
+        "so soft-trained updates count less (b > 0) or as much as full ones (b = 0).",
+        0.5,
+    )
+    replan: bool = _doc("Re-plan every round from the measured round times.", True)
+    profile_steps: int = _doc("Training steps timed per keep-ratio configuration at start-up.", 3)
+    transport: str = _doc("How updates reach rank 0: gather (each worker sends only its kept values) or reduce (an MPI sum of dense weighted updates and coverage).", "gather")
+
+    def __post_init__(self) -> None:
+        _choice("strategy.name", self.name, STRATEGIES)
+        _choice("strategy.aggregation", self.aggregation, AGGREGATIONS)
+        _choice("strategy.mask_policy", self.mask_policy, MASK_POLICIES)
+        _number("strategy.min_keep", self.min_keep, 0.0, 1.0, lo_open=True)
+        if not isinstance(self.keep_ratios, list):
+            raise ConfigError(f"strategy.keep_ratios = {self.keep_ratios!r} must be a list of numbers in (0, 1]")
+        for i, r in enumerate(self.keep_ratios):
+            _number(f"strategy.keep_ratios[{i}]", r, 0.0, 1.0, lo_open=True)
+        self.keep_ratios = [float(r) for r in self.keep_ratios]
+        _number("strategy.deadline", self.deadline, 0.0, 1e7)
+        _number("strategy.balance", self.balance, 0.0, 10.0)
+        if not isinstance(self.replan, bool):
+            raise ConfigError(f"strategy.replan = {self.replan!r} must be true or false")
+        _positive_int("strategy.profile_steps", self.profile_steps)
+        _choice("strategy.transport", self.transport, TRANSPORTS)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = _doc("Write a checkpoint every this many rounds (and always after the last round).", 5)
+    keep: int = _doc("How many checkpoints to keep under checkpoints/ (0: all).", 3)
+
+    def __post_init__(self) -> None:
+        _positive_int("checkpoint.every", self.every)
+        _positive_int("checkpoint.keep", self.keep, 0)
+
+
+SECTIONS = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "workers": WorkersConfig,
+    "strategy": StrategyConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Config":
+        if not isinstance(raw, dict):
+            raise ConfigError("the configuration must be a table of sections")
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+        parts = {}
+        for name, section_cls in SECTIONS.items():
+            values = raw.get(name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{name}] must be a table of keys")
+            allowed = [f.name for f in fields(section_cls)]
+            bad = sorted(set(values) - set(allowed))
+            if bad:
+                raise ConfigError(
+                    f"unknown key(s) {', '.join(name + '.' + b for b in bad)}; allowed in [{name}]: {', '.join(allowed)}"
+                )
+            parts[name] = section_cls(**values)
+        return cls(**parts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    # -- checks that need the world size ------------------------------------
+    def check_world(self, num_workers: int) -> None:
+        """Validate the settings that depend on how many worker ranks there are."""
+        if num_workers < 1:
+            raise ConfigError("elfish-mpi needs at least 2 MPI ranks: rank 0 aggregates, ranks 1.. train")
+        cap = self.workers.capacity
+        if cap and len(cap) != num_workers:
+            raise ConfigError(
+                f"workers.capacity has {len(cap)} value(s) but the job has {num_workers} worker rank(s) "
+                f"(mpiexec -n {len(cap) + 1} matches the capacity list)"
+            )
+        kr = self.strategy.keep_ratios
+        if kr and len(kr) != num_workers:
+            raise ConfigError(f"strategy.keep_ratios has {len(kr)} value(s) but the job has {num_workers} worker rank(s)")
+        if kr and any(r < self.strategy.min_keep for r in kr):
+            raise ConfigError(f"strategy.keep_ratios {kr} go below strategy.min_keep = {self.strategy.min_keep}")
+
+    def capacities(self, num_workers: int) -> list[float]:
+        return list(self.workers.capacity) if self.workers.capacity else [1.0] * num_workers
+
+    # -- documentation -------------------------------------------------------
+    @staticmethod
+    def describe() -> str:
+        lines = []
+        for name, section_cls in SECTIONS.items():
+            lines.append(f"[{name}]")
+            for f in fields(section_cls):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                lines.append(f"  {name}.{f.name} = {json.dumps(default)}")
+                lines.append(f"      {f.metadata.get('doc', '')}")
+        return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value); value parsed as a TOML value, else kept as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set run.rounds=5")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Read a TOML file (optional), apply ``--set`` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {p} is a directory") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {text!r}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+        raw.setdefault(section, {})[key] = value
+    try:
+        return Config.from_dict(raw)
+    except TypeError as exc:  # pragma: no cover - guarded by the unknown-key check
+        raise ConfigError(str(exc)) from None
+
+
+def config_from_json(text: str) -> Config:
+    return Config.from_dict(json.loads(text))

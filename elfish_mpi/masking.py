@@ -1,0 +1,57 @@
+"""Mask policies: which neurons a worker keeps in a round. Pure numpy.
+
+Every choice is a function of (seed, round, worker, layer) alone, with no hidden state, so a
+resumed run draws exactly the masks an uninterrupted run would have drawn.
+
+- ``random``: a fresh uniformly random set every round (ELFISH's dynamic masking).
+- ``rolling``: a contiguous window (wrapping around) whose start moves by one neuron every
+  round (FedRolex's rolling sub-model).
+- ``ordered``: always the first k neurons (static nested sub-models, HeteroFL).
+A layer with ratio 1 keeps every neuron under every policy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .models import ModelSpec
+
+POLICIES = ("random", "rolling", "ordered")
+_MASK_STREAM = 0x6D61736B  # separates the mask RNG stream from other seeded streams
+
+
+def keep_count(width: int, ratio: float) -> int:
+    return int(min(width, max(1, round(width * ratio))))
+
+
+def select(policy: str, width: int, k: int, *, seed: int, round: int, worker: int, layer: int) -> np.ndarray:
+    if not 1 <= k <= width:
+        raise ValueError(f"cannot keep {k} of {width} neurons")
+    if k == width:
+        return np.arange(width, dtype=np.int32)
+    if policy == "random":
+        rng = np.random.default_rng([seed, _MASK_STREAM, round, worker, layer])
+        return np.sort(rng.choice(width, size=k, replace=False)).astype(np.int32)
+    if policy == "rolling":
+        start = round % width
+        return np.sort((start + np.arange(k)) % width).astype(np.int32)
+    if policy == "ordered":
+        return np.arange(k, dtype=np.int32)
+    raise ValueError(f"unknown mask policy {policy!r}; choose one of: {', '.join(POLICIES)}")
+
+
+def make_masks(spec: ModelSpec, ratios: dict[str, float], policy: str, *, seed: int, round: int, worker: int) -> dict:
+    """Kept neurons of every maskable layer for one worker in one round."""
+    kept = {}
+    for li, layer in enumerate(spec.layers):
+        if not layer.maskable:
+            continue
+        k = keep_count(layer.out, ratios.get(layer.name, 1.0))
+        kept[layer.name] = select(policy, layer.out, k, seed=seed, round=round, worker=worker, layer=li)
+    return kept
+
+
+def neuron_keep_ratio(spec: ModelSpec, kept: dict) -> float:
+    """Share of the model's maskable neurons that are kept."""
+    total = sum(layer.out for layer in spec.layers if layer.maskable)
+    kept_n = sum(len(kept[layer.name]) if layer.name in kept else layer.out for layer in spec.layers if layer.maskable)
+    return kept_n / total if total else 1.0

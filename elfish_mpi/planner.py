@@ -1,0 +1,104 @@
+"""Keep ratios per worker and layer, from the profiles and a round deadline. Pure.
+
+Each worker w has a cost model ``t_w(cfg) = scale_w * (alpha_w + beta_w * macs(cfg)/macs(full))``
+per training step (see profiling.py); ``scale_w`` starts at 1 and follows the round times
+actually measured (an exponential moving average of measured / predicted), so a worker
+that slows down during the run is re-planned in the next round.
+
+The deadline per step is ``strategy.deadline / local_steps`` or, by default, the fastest
+worker's predicted full-model step time. A worker that meets it with the full model trains
+the full model. Otherwise the planner removes neurons greedily, ``step`` of a layer's width
+at a time: each move cuts the layer whose neurons are the most resource-intensive, i.e. the
+cut that saves the most predicted time per neuron removed, never below ``min_keep``, until
+the prediction meets the deadline (or every layer is at ``min_keep``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .models import ModelSpec
+from .profiling import macs_fraction
+
+
+class Planner:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        alpha: np.ndarray,
+        beta: np.ndarray,
+        *,
+        min_keep: float,
+        local_steps: int,
+        deadline: float = 0.0,
+        replan: bool = True,
+        step: float = 0.05,
+        smoothing: float = 0.5,
+    ):
+        self.spec = spec
+        self.alpha = np.asarray(alpha, dtype=np.float64).copy()
+        self.beta = np.asarray(beta, dtype=np.float64).copy()
+        self.scale = np.ones_like(self.alpha)
+        self.min_keep = float(min_keep)
+        self.local_steps = int(local_steps)
+        self.deadline = float(deadline)
+        self.replan = bool(replan)
+        self.step = float(step)
+        self.smoothing = float(smoothing)
+        self._widths = {layer.name: layer.out for layer in spec.layers if layer.maskable}
+
+    @property
+    def num_workers(self) -> int:
+        return self.alpha.size
+
+    def predict(self, worker: int, ratios: dict[str, float]) -> float:
+        """Predicted seconds per training step of ``worker`` at ``ratios``."""
+        base = self.alpha[worker] + self.beta[worker] * macs_fraction(self.spec, ratios)
+        return float(self.scale[worker] * base)
+
+    def deadline_step(self) -> float:
+        if self.deadline > 0:
+            return self.deadline / self.local_steps
+        full = {name: 1.0 for name in self._widths}
+        return min(self.predict(w, full) for w in range(self.num_workers))
+
+    def plan_worker(self, worker: int, target: float) -> dict[str, float]:
+        ratios = {name: 1.0 for name in self._widths}
+        current = self.predict(worker, ratios)
+        while current > target:
+            best, best_gain, best_time = None, 0.0, current
+            for name, width in self._widths.items():
+                r = round(ratios[name] - self.step, 10)
+                if r < self.min_keep - 1e-9:
+                    continue
+                trial = dict(ratios, **{name: r})
+                t = self.predict(worker, trial)
+                gain = (current - t) / (self.step * width)
+                if best is None or gain > best_gain:
+                    best, best_gain, best_time = trial, gain, t
+            if best is None:
+                break
+            ratios, current = best, best_time
+        return ratios
+
+    def plan(self) -> list[dict[str, float]]:
+        target = self.deadline_step()
+        return [self.plan_worker(w, target) for w in range(self.num_workers)]
+
+    def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:
+        """Fold a measured time per step into the worker's scale."""
+        if not self.replan or not np.isfinite(measured_step) or measured_step <= 0:
+            return
+        base = self.alpha[worker] + self.beta[worker] * macs_fraction(self.spec, ratios)
+        if base <= 0:
+            return
+        s = self.smoothing
+        self.scale[worker] = (1 - s) * self.scale[worker] + s * (measured_step / base)
+
+    # -- checkpoint state ----------------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        return {"planner_alpha": self.alpha.copy(), "planner_beta": self.beta.copy(), "planner_scale": self.scale.copy()}
+
+    def load_state(self, state: dict) -> None:
+        self.alpha = np.asarray(state["planner_alpha"], dtype=np.float64).copy()
+        self.beta = np.asarray(state["planner_beta"], dtype=np.float64).copy()
+        self.scale = np.asarray(state["planner_scale"], dtype=np.float64).copy()

@@ -1,0 +1,167 @@
+"""Ranks >= 1: profile once, then each round receive (plan, model), train, send (update, timings)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from . import data as datamod
+from . import profiling
+from .comm import Comm
+from .config import Config
+from .masking import make_masks, neuron_keep_ratio
+from .models import ModelSpec
+from .aggregation import worker_weight
+from .submodel import build_submodel, flat_params, num_params
+from .throttle import Throttle
+
+# The float64 stats vector every worker sends with its update, in this order.
+STATS = (
+    "busy_time",  # wall seconds from model received to update sent
+    "step_time",  # mean seconds per step in the planning clock (wall, or virtual for throttle=virtual)
+    "virtual_time",  # CPU seconds / capacity spent training this round
+    "num_samples",  # training samples the worker holds
+    "train_loss",  # mean loss over the round's steps
+    "steps",  # steps taken
+    "cursor",  # samples consumed since the start of the run (data order position)
+    "weight",  # aggregation weight num_samples * keep_ratio ** balance
+    "bytes_sent",  # payload bytes of this update
+)
+_DATA_STREAM = 0x64617461
+
+
+class Sampler:
+    """Mini-batches in a seeded per-epoch order; its whole state is ``cursor``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, worker: int, cursor: int = 0):
+        self.n, self.batch_size, self.seed, self.worker = n, batch_size, seed, worker
+        self.cursor = int(cursor)
+        self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, _DATA_STREAM, self.worker, epoch])
+            self._epoch, self._perm = epoch, rng.permutation(self.n)
+        return self._perm
+
+    def next(self) -> np.ndarray:
+        out = []
+        need = min(self.batch_size, self.n) if self.n else 0
+        while need:
+            epoch, pos = divmod(self.cursor, self.n)
+            take = min(need, self.n - pos)
+            out.append(self._order(epoch)[pos : pos + take])
+            self.cursor += take
+            need -= take
+        return np.concatenate(out)
+
+
+def train_step(model, opt, x, y) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+class Worker:
+    def __init__(self, comm: Comm, cfg: Config, spec: ModelSpec, setup: dict):
+        self.comm, self.cfg, self.spec = comm, cfg, spec
+        self.index = comm.rank - 1
+        num_workers = comm.size - 1
+        caps = cfg.capacities(num_workers)
+        self.throttle = Throttle(caps[self.index], cfg.workers.throttle)
+        d = cfg.data
+        part = datamod.load_worker_data(
+            d.name, setup["data_path"], num_workers, self.index, d.partition, cfg.run.seed,
+            alpha=d.alpha, shards_per_worker=d.shards_per_worker, max_samples=d.max_samples,
+        )
+        self.x = torch.from_numpy(datamod.normalize(part.images))
+        self.y = torch.from_numpy(part.labels.astype(np.int64))
+        cursor = int(setup.get("cursors", [0] * num_workers)[self.index])
+        self.sampler = Sampler(len(self.y), cfg.train.batch_size, cfg.run.seed, self.index, cursor)
+        self.flat = np.empty(num_params(spec), dtype=np.float32)
+
+    # -- profiling -------------------------------------------------------------
+    def profile(self) -> np.ndarray:
+        """Time training steps at every profiling configuration under this worker's throttle."""
+        configs = profiling.configurations(self.spec)
+        torch.manual_seed(self.cfg.run.seed)
+        from .models import MaskableCNN
+
+        base = flat_params(MaskableCNN(self.spec))
+        probe = Sampler(len(self.y), self.cfg.train.batch_size, self.cfg.run.seed + 1, self.index)
+        times, macs, mem = [], [], []
+        for row in configs:
+            ratios = profiling.ratios_of(self.spec, row)
+            kept = make_masks(self.spec, ratios, "ordered", seed=0, round=0, worker=self.index)
+            model, _ = build_submodel(self.spec, kept, base)
+            opt = torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr)
+            idx = probe.next()
+            train_step(model, opt, self.x[idx], self.y[idx])  # warm-up, untimed
+            samples = []
+            for _ in range(self.cfg.strategy.profile_steps):
+                idx = probe.next()
+                _, t = self.throttle.run(train_step, model, opt, self.x[idx], self.y[idx])
+                samples.append(t.reported)
+            times.append(float(np.median(samples)))
+            macs.append(float(self.spec.macs(model.widths)))
+            mem.append(profiling.memory_bytes(self.spec, ratios, self.cfg.train.batch_size))
+        return np.concatenate([times, macs, mem])
+
+    # -- one round ----------------------------------------------------------------
+    def train_round(self, kept: dict) -> tuple[np.ndarray, np.ndarray]:
+        t_start = time.perf_counter()
+        model, idx = build_submodel(self.spec, kept, self.flat)
+        start = self.flat[idx]
+        opt = torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr, momentum=self.cfg.train.momentum)
+        reported = virtual = loss_sum = 0.0
+        steps = self.cfg.train.local_steps
+        for _ in range(steps):
+            b = self.sampler.next()
+            loss, t = self.throttle.run(train_step, model, opt, self.x[b], self.y[b])
+            reported += t.reported
+            virtual += t.virtual
+            loss_sum += loss
+        delta = flat_params(model) - start
+        r = neuron_keep_ratio(self.spec, kept)
+        weight = worker_weight(len(self.y), r, self.cfg.strategy.balance)
+        if not np.all(np.isfinite(delta)):
+            raise FloatingPointError(f"non-finite update (loss {loss_sum / steps:g}); lower train.lr")
+        stats = {
+            "step_time": reported / steps,
+            "virtual_time": virtual,
+            "num_samples": len(self.y),
+            "train_loss": loss_sum / steps,
+            "steps": steps,
+            "cursor": self.sampler.cursor,
+            "weight": weight,
+        }
+        if self.cfg.strategy.transport == "gather":
+            payload = delta
+            stats["bytes_sent"] = payload.nbytes
+        else:
+            payload = np.zeros((2, self.flat.size), dtype=np.float64)
+            payload[0, idx] = weight * delta.astype(np.float64)
+            payload[1, idx] = weight
+            stats["bytes_sent"] = payload.nbytes
+        stats["busy_time"] = time.perf_counter() - t_start
+        return np.array([stats[k] for k in STATS], dtype=np.float64), payload
+
+    def run(self, do_profile: bool) -> None:
+        if do_profile:
+            self.comm.gather_rows(self.profile())
+        while True:
+            plan = self.comm.bcast_obj(None)
+            if plan["stop"]:
+                return
+            self.comm.bcast_array(self.flat)
+            kept = plan["masks"][self.index]
+            stats, payload = self.train_round(kept)
+            if self.cfg.strategy.transport == "gather":
+                self.comm.send_update(stats, payload)
+            else:
+                self.comm.send_stats(stats)
+                self.comm.reduce_sum(payload, self.cfg.run.round_timeout)
