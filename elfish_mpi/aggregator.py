@@ -96,7 +96,6 @@ class Aggregator:
         c = len(configs)
         self.profiles = {
             "keep_ratios": configs,
-            "layers": np.array(self.spec.maskable, dtype="S"),
             "step_time": rows[:, :c],
             "macs": rows[:, c : 2 * c],
             "memory_bytes": rows[:, 2 * c :],
@@ -122,6 +121,7 @@ class Aggregator:
         cfg, spec = self.cfg, self.spec
         resume = self.setup.get("resume_ckpt")
         if resume is None:
+            self.comm.barrier()
             self.gather_profiles()
         self.make_planner(resume.state if resume is not None else None)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +234,7 @@ class Aggregator:
             coverage=self.coverage,
             profiles=self.profiles,
             state=state,
-            attrs={"num_workers": self.num_workers, "model": self.spec.name},
+            attrs={"num_workers": self.num_workers, "model": self.spec.name, "maskable_layers": ",".join(self.spec.maskable)},
         )
 
     def save(self, rnd: int) -> None:

@@ -28,12 +28,28 @@ class Comm:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
 
+    # -- waiting ------------------------------------------------------------
+    def wait(self, req) -> None:
+        """Complete a request by polling with short sleeps. A blocking MPI call busy-polls,
+        which on an oversubscribed node takes a core away from the ranks doing real work."""
+        while not req.Test():
+            time.sleep(_POLL)
+
     # -- control ------------------------------------------------------------
     def bcast_obj(self, obj=None):
-        return self.comm.bcast(obj, root=0)
+        """Broadcast a small picklable control message from rank 0 (polling, see :meth:`wait`)."""
+        if self.rank == 0:
+            payload = np.frombuffer(MPI.pickle.dumps(obj), dtype=np.uint8)
+            n = np.array([payload.size], dtype=np.int64)
+        else:
+            n = np.zeros(1, dtype=np.int64)
+        self.wait(self.comm.Ibcast(n, root=0))
+        buf = np.array(payload, copy=True) if self.rank == 0 else np.empty(int(n[0]), dtype=np.uint8)
+        self.wait(self.comm.Ibcast(buf, root=0))
+        return obj if self.rank == 0 else MPI.pickle.loads(buf.tobytes())
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self.wait(self.comm.Ibarrier())
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
@@ -43,20 +59,22 @@ class Comm:
     # -- tensors ------------------------------------------------------------
     def bcast_array(self, arr: np.ndarray) -> np.ndarray:
         """Broadcast ``arr`` from rank 0 in place (every rank passes a buffer of the same shape)."""
-        self.comm.Bcast(arr, root=0)
+        self.wait(self.comm.Ibcast(arr, root=0))
         return arr
 
     def gather_rows(self, row: np.ndarray) -> np.ndarray | None:
         """Every rank gives a float64 row of the same length; rank 0 gets (size, len)."""
         row = np.ascontiguousarray(row, dtype=np.float64)
         out = np.empty((self.size, row.size), dtype=np.float64) if self.rank == 0 else None
-        self.comm.Gather(row, out, root=0)
+        self.wait(self.comm.Igather(row, out, root=0))
         return out
 
     def send_update(self, stats: np.ndarray, values: np.ndarray) -> None:
         """A worker's round result: a float64 stats vector, then its kept values (float32)."""
-        self.comm.Send(np.ascontiguousarray(stats, dtype=np.float64), dest=0, tag=TAG_STATS)
-        self.comm.Send(np.ascontiguousarray(values, dtype=np.float32), dest=0, tag=TAG_VALUES)
+        stats = np.ascontiguousarray(stats, dtype=np.float64)
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        self.wait(self.comm.Isend(stats, dest=0, tag=TAG_STATS))
+        self.wait(self.comm.Isend(values, dest=0, tag=TAG_VALUES))
 
     def _wait_all(self, requests: list, owners: list, timeout: float, what: str) -> None:
         pending = set(range(len(requests)))
@@ -93,7 +111,7 @@ class Comm:
         return stats
 
     def send_stats(self, stats: np.ndarray) -> None:
-        self.comm.Send(np.ascontiguousarray(stats, dtype=np.float64), dest=0, tag=TAG_STATS)
+        self.wait(self.comm.Isend(np.ascontiguousarray(stats, dtype=np.float64), dest=0, tag=TAG_STATS))
 
     def reduce_sum(self, arr: np.ndarray, timeout: float) -> np.ndarray | None:
         """Sum of every rank's ``arr`` at rank 0 (rank 0 contributes its own, usually zeros)."""
@@ -103,5 +121,5 @@ class Comm:
         if self.rank == 0:
             self._wait_all([req], ["(reduction)"], timeout, "reduction contribution")
         else:
-            req.Wait()
+            self.wait(req)
         return out

@@ -6,8 +6,9 @@ actually measured (an exponential moving average of measured / predicted), so a 
 that slows down during the run is re-planned in the next round.
 
 The deadline per step is ``strategy.deadline / local_steps`` or, by default, the fastest
-worker's predicted full-model step time. A worker that meets it with the full model trains
-the full model. Otherwise the planner removes neurons greedily, ``step`` of a layer's width
+worker's predicted full-model step time, plus ``slack`` (10%) so that timing noise does not
+thin a worker that is as fast as the fastest. A worker that meets it with the full model
+trains the full model. Otherwise the planner removes neurons greedily, ``step`` of a layer's width
 at a time: each move cuts the layer whose neurons are the most resource-intensive, i.e. the
 cut that saves the most predicted time per neuron removed, never below ``min_keep``, until
 the prediction meets the deadline (or every layer is at ``min_keep``).
@@ -33,6 +34,7 @@ class Planner:
         replan: bool = True,
         step: float = 0.05,
         smoothing: float = 0.5,
+        slack: float = 0.1,
     ):
         self.spec = spec
         self.alpha = np.asarray(alpha, dtype=np.float64).copy()
@@ -44,6 +46,7 @@ class Planner:
         self.replan = bool(replan)
         self.step = float(step)
         self.smoothing = float(smoothing)
+        self.slack = float(slack)
         self._widths = {layer.name: layer.out for layer in spec.layers if layer.maskable}
 
     @property
@@ -81,7 +84,7 @@ class Planner:
         return ratios
 
     def plan(self) -> list[dict[str, float]]:
-        target = self.deadline_step()
+        target = self.deadline_step() * (1.0 + self.slack)
         return [self.plan_worker(w, target) for w in range(self.num_workers)]
 
     def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:

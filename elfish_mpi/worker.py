@@ -80,7 +80,7 @@ class Worker:
         )
         self.x = torch.from_numpy(datamod.normalize(part.images))
         self.y = torch.from_numpy(part.labels.astype(np.int64))
-        cursor = int(setup.get("cursors", [0] * num_workers)[self.index])
+        cursor = int((setup.get("cursors") or [0] * num_workers)[self.index])
         self.sampler = Sampler(len(self.y), cfg.train.batch_size, cfg.run.seed, self.index, cursor)
         self.flat = np.empty(num_params(spec), dtype=np.float32)
 
@@ -93,22 +93,25 @@ class Worker:
 
         base = flat_params(MaskableCNN(self.spec))
         probe = Sampler(len(self.y), self.cfg.train.batch_size, self.cfg.run.seed + 1, self.index)
-        times, macs, mem = [], [], []
+        models, samples, macs, mem = [], [[] for _ in configs], [], []
         for row in configs:
             ratios = profiling.ratios_of(self.spec, row)
             kept = make_masks(self.spec, ratios, "ordered", seed=0, round=0, worker=self.index)
             model, _ = build_submodel(self.spec, kept, base)
-            opt = torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr)
-            idx = probe.next()
-            train_step(model, opt, self.x[idx], self.y[idx])  # warm-up, untimed
-            samples = []
-            for _ in range(self.cfg.strategy.profile_steps):
-                idx = probe.next()
-                _, t = self.throttle.run(train_step, model, opt, self.x[idx], self.y[idx])
-                samples.append(t.reported)
-            times.append(float(np.median(samples)))
+            models.append((model, torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr)))
             macs.append(float(self.spec.macs(model.widths)))
             mem.append(profiling.memory_bytes(self.spec, ratios, self.cfg.train.batch_size))
+        # Two passes over all configurations, so that a burst of load on the machine
+        # spreads over them instead of falling on one; a warm-up step before each timing.
+        for _ in range(profiling.PASSES):
+            for i, (model, opt) in enumerate(models):
+                idx = probe.next()
+                train_step(model, opt, self.x[idx], self.y[idx])
+                for _ in range(self.cfg.strategy.profile_steps):
+                    idx = probe.next()
+                    _, t = self.throttle.run(train_step, model, opt, self.x[idx], self.y[idx])
+                    samples[i].append(t.reported)
+        times = [float(np.median(s)) for s in samples]
         return np.concatenate([times, macs, mem])
 
     # -- one round ----------------------------------------------------------------
@@ -152,6 +155,7 @@ class Worker:
 
     def run(self, do_profile: bool) -> None:
         if do_profile:
+            self.comm.barrier()  # every worker starts timing at once, under the same load
             self.comm.gather_rows(self.profile())
         while True:
             plan = self.comm.bcast_obj(None)
