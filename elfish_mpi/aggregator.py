@@ -18,7 +18,7 @@ from . import profiling
 from .aggregation import combine, accumulate
 from .comm import Comm
 from .config import Config
-from .masking import make_masks, neuron_keep_ratio
+from .masking import compute_ratio, keep_ratio, make_masks
 from .models import MaskableCNN, ModelSpec
 from .planner import Planner
 from .strategies import make_strategy
@@ -26,7 +26,6 @@ from .submodel import flat_from_state_dict, load_flat, num_params, param_index, 
 from .worker import STATS
 
 METRIC_UNITS = {"round_time": "s", "virtual_time": "s", "wall_clock": "s", "eval_time": "s", "checkpoint_time": "s"}
-WORKER_SERIES = ("keep_ratio", "busy_time", "idle_time", "virtual_time", "num_samples", "step_time", "train_loss", "weight", "bytes_sent")
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
@@ -158,7 +157,7 @@ class Aggregator:
                 load_flat(self.model, self.flat)
                 acc, loss = evaluate(self.model, self.x_test, self.y_test)
             eval_time = time.perf_counter() - t_eval
-            keep = [neuron_keep_ratio(spec, m) for m in masks]
+            keep = [keep_ratio(spec, m) for m in masks]
             self.record(rnd, round_time, acc, loss, eval_time, stats, keep, ratios, masks, time.perf_counter() - t_run)
             self.report(rnd, acc, round_time, keep)
             if rnd % cfg.checkpoint.every == 0 or rnd == cfg.run.rounds:
@@ -199,6 +198,7 @@ class Aggregator:
             self.metrics.setdefault(k, []).append(v)
         per_worker = {
             "keep_ratio": keep,
+            "compute_ratio": [compute_ratio(self.spec, m) for m in masks],
             "busy_time": col["busy_time"],
             "idle_time": np.maximum(round_time - col["busy_time"], 0.0),
             "virtual_time": col["virtual_time"],

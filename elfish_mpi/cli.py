@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a federated training job: mpiexec -n 5 elfish-mpi train --config FILE",
         epilog="configuration keys (TOML sections; override any with --set section.key=value):\n\n" + keys,
     )
-    t.add_argument("--config", help="TOML config file (optional with --resume: the checkpoint's config is used)")
+    t.add_argument("--config", help="TOML config file (default: the built-in defaults; with --resume: the checkpoint's config)")
     t.add_argument("--out", help="run directory (overrides run.out)")
     t.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint file, or from the newest valid one in a run directory")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
@@ -108,8 +108,8 @@ def prepare(args, num_workers: int) -> dict:
             section, key, value = parse_override(text)
             raw.setdefault(section, {})[key] = value
         cfg = Config.from_dict(raw)
-    else:
-        raise UsageError("train needs --config FILE (or --resume CHECKPOINT)")
+    else:  # the defaults, with any --set overrides
+        cfg = load_config(None, args.set)
     if args.out:
         cfg.run.out = args.out
     elif ckpt is not None and not args.config and Path(args.resume).is_dir():

@@ -87,6 +87,11 @@ class Comm:
                 break
             if time.monotonic() > deadline:
                 late = sorted({owners[i] for i in pending})
+                for i in pending:  # withdraw the receives so that no late message lands in them
+                    try:
+                        requests[i].Cancel()
+                    except MPI.Exception:
+                        pass
                 raise RoundTimeout(
                     f"no {what} from worker rank(s) {', '.join(map(str, late))} within run.round_timeout = {timeout:g} s"
                 )

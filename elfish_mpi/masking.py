@@ -50,8 +50,14 @@ def make_masks(spec: ModelSpec, ratios: dict[str, float], policy: str, *, seed: 
     return kept
 
 
-def neuron_keep_ratio(spec: ModelSpec, kept: dict) -> float:
-    """Share of the model's maskable neurons that are kept."""
-    total = sum(layer.out for layer in spec.layers if layer.maskable)
-    kept_n = sum(len(kept[layer.name]) if layer.name in kept else layer.out for layer in spec.layers if layer.maskable)
-    return kept_n / total if total else 1.0
+def keep_ratio(spec: ModelSpec, kept: dict) -> float:
+    """A worker's keep ratio: the mean over maskable layers of the share of the layer's
+    neurons kept (equal to r when every layer keeps a share r)."""
+    shares = [len(kept[layer.name]) / layer.out if layer.name in kept else 1.0 for layer in spec.layers if layer.maskable]
+    return float(sum(shares) / len(shares)) if shares else 1.0
+
+
+def compute_ratio(spec: ModelSpec, kept: dict) -> float:
+    """Share of the full model's forward multiply-accumulates that the kept sub-network does."""
+    widths = {layer.name: (len(kept[layer.name]) if layer.name in kept else layer.out) for layer in spec.layers}
+    return spec.macs(widths) / spec.macs()

@@ -11,7 +11,7 @@ from . import data as datamod
 from . import profiling
 from .comm import Comm
 from .config import Config
-from .masking import make_masks, neuron_keep_ratio
+from .masking import keep_ratio, make_masks
 from .models import ModelSpec
 from .aggregation import worker_weight
 from .submodel import build_submodel, flat_params, num_params
@@ -129,8 +129,7 @@ class Worker:
             virtual += t.virtual
             loss_sum += loss
         delta = flat_params(model) - start
-        r = neuron_keep_ratio(self.spec, kept)
-        weight = worker_weight(len(self.y), r, self.cfg.strategy.balance)
+        weight = worker_weight(len(self.y), keep_ratio(self.spec, kept), self.cfg.strategy.balance)
         if not np.all(np.isfinite(delta)):
             raise FloatingPointError(f"non-finite update (loss {loss_sum / steps:g}); lower train.lr")
         stats = {

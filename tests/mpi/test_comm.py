@@ -1,0 +1,67 @@
+"""The MPI layer on real ranks: run with `mpiexec -n 3 python -m pytest --with-mpi tests/mpi`."""
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from elfish_mpi.comm import Comm, RoundTimeout
+
+pytestmark = [pytest.mark.mpi(min_size=3), pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def comm():
+    dup = MPI.COMM_WORLD.Dup()
+    yield Comm(dup)
+    dup.Free()
+
+
+def test_bcast_obj_and_array(comm):
+    # Prepare
+    plan = {"round": 3, "masks": [np.arange(w + 2, dtype=np.int32) for w in range(comm.size - 1)]} if comm.rank == 0 else None
+    arr = np.arange(10, dtype=np.float32) * 1.5 if comm.rank == 0 else np.zeros(10, dtype=np.float32)
+    # Execute
+    got = comm.bcast_obj(plan)
+    comm.bcast_array(arr)
+    # Assert
+    assert got["round"] == 3
+    assert [m.tolist() for m in got["masks"]] == [list(range(w + 2)) for w in range(comm.size - 1)]
+    np.testing.assert_array_equal(arr, np.arange(10, dtype=np.float32) * 1.5)
+
+
+def test_gather_rows_stacks_every_rank(comm):
+    rows = comm.gather_rows(np.full(4, comm.rank, dtype=np.float64))
+    if comm.rank == 0:
+        np.testing.assert_array_equal(rows, np.repeat(np.arange(comm.size), 4).reshape(comm.size, 4))
+    else:
+        assert rows is None
+
+
+def test_updates_reach_rank_zero_intact(comm):
+    sizes = [5 * (w + 1) for w in range(comm.size - 1)]
+    if comm.rank == 0:
+        stats, values = comm.recv_updates(sizes, 3, timeout=30)
+        for w in range(comm.size - 1):
+            np.testing.assert_array_equal(stats[w], [w + 1, 2.0, 3.0])
+            np.testing.assert_array_equal(values[w], np.arange(sizes[w], dtype=np.float32) + w)
+    else:
+        w = comm.rank - 1
+        comm.send_update(np.array([comm.rank, 2.0, 3.0]), np.arange(sizes[w], dtype=np.float32) + w)
+
+
+def test_reduce_sum_adds_every_rank(comm):
+    out = comm.reduce_sum(np.full((2, 3), float(comm.rank)), timeout=30)
+    if comm.rank == 0:
+        np.testing.assert_array_equal(out, np.full((2, 3), sum(range(comm.size)), dtype=np.float64))
+
+
+def test_missing_update_times_out_naming_the_rank(comm):
+    # Prepare: only rank 1 sends; the others stay silent this round.
+    if comm.rank == 0:
+        # Execute / Assert
+        with pytest.raises(RoundTimeout) as info:
+            comm.recv_updates([2] * (comm.size - 1), 1, timeout=0.5)
+        silent = ", ".join(str(r) for r in range(2, comm.size))
+        assert f"worker rank(s) {silent}" in str(info.value)
+    elif comm.rank == 1:
+        comm.send_update(np.ones(1), np.ones(2, dtype=np.float32))
+    comm.barrier()

@@ -1,0 +1,117 @@
+"""The `elfish-mpi train` job launched for real with mpiexec, as a user launches it."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "tests" / "data" / "fashion-mnist"
+TIMEOUT = 240
+
+
+def mpiexec() -> str:
+    local = Path(sys.executable).with_name("mpiexec")
+    return str(local) if local.exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def launch(n: int, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_LOCALRANK"))}
+    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "elfish_mpi", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+
+
+def tiny(out: Path, rounds: int = 2, workers: int = 2, *extra: str) -> list[str]:
+    return [
+        "--out", str(out), "--set", f"data.path={SAMPLE}", "--set", "data.test_samples=200",
+        "--set", "data.max_samples=300", "--set", f"run.rounds={rounds}", "--set", "train.local_steps=2",
+        "--set", "workers.throttle=none", "--set", "checkpoint.every=1", *extra,
+    ]
+
+
+def snapshot(directory: Path) -> dict:
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("done") / "run"
+    res = launch(3, *tiny(out))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_straggler_soft_trains_with_changing_masks(tmp_path):
+    # Prepare: the quickstart's fleet (1, 1, 0.5, 0.25) under the sleep throttle, on the test sample.
+    out = tmp_path / "run"
+    # Execute
+    res = launch(
+        5, "--config", str(ROOT / "launch" / "configs" / "quickstart.toml"), "--out", str(out),
+        "--set", f"data.path={SAMPLE}", "--set", "data.test_samples=500", "--set", "run.rounds=4",
+        "--set", "train.local_steps=8",
+    )
+    # Assert
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.startswith("round ")]
+    assert len(lines) == 4 and "done: 4 rounds" in res.stdout
+    with h5py.File(out / "checkpoint.h5", "r") as f:
+        keep = f["workers/keep_ratio"][()]
+        assert np.all(keep[:, 3] < 0.9), keep  # the 4x straggler soft-trains every round
+        masks = [f[f"masks/round_{r:06d}/worker_03/conv1"][()] for r in range(1, 5)]
+        assert any(not np.array_equal(masks[i], masks[i + 1]) for i in range(3) if masks[i].size == masks[i + 1].size)
+        assert f["profiles/step_time"].shape[0] == 4
+
+
+def test_bad_config_value_is_refused_without_traceback(tmp_path):
+    res = launch(3, *tiny(tmp_path / "run"), "--set", "strategy.mask_policy=sideways")
+    assert res.returncode != 0
+    assert "strategy.mask_policy" in res.stderr and "random, rolling, ordered" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_capacity_list_must_match_the_world(tmp_path):
+    res = launch(3, *tiny(tmp_path / "run"), "--set", "workers.capacity=[1.0, 0.5, 0.25]")
+    assert res.returncode != 0
+    assert "workers.capacity has 3 value(s) but the job has 2 worker rank(s)" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_data_path_is_refused(tmp_path):
+    res = launch(3, *tiny(tmp_path / "run"), "--set", f"data.path={tmp_path / 'nowhere'}")
+    assert res.returncode != 0
+    assert str(tmp_path / "nowhere") in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_not_overwritten(finished_run):
+    before = snapshot(finished_run)
+    res = launch(3, *tiny(finished_run))
+    assert res.returncode != 0 and "already holds a checkpoint" in res.stderr
+    assert snapshot(finished_run) == before
+
+
+def test_corrupt_checkpoint_given_to_resume_is_refused(finished_run, tmp_path):
+    # Prepare: a truncated copy of a good checkpoint.
+    bad = tmp_path / "bad.h5"
+    data = (finished_run / "checkpoint.h5").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    before = snapshot(finished_run)
+    # Execute
+    res = launch(3, *tiny(finished_run, 3), "--resume", str(bad))
+    # Assert
+    assert res.returncode != 0
+    assert str(bad) in res.stderr and "Traceback" not in res.stderr
+    assert snapshot(finished_run) == before
+
+
+def test_resume_with_a_changed_model_is_refused(finished_run):
+    before = snapshot(finished_run)
+    res = launch(3, *tiny(finished_run, 3), "--resume", str(finished_run), "--set", "train.lr=0.5")
+    assert res.returncode != 0
+    assert "train.lr: 0.05 -> 0.5" in res.stderr
+    assert snapshot(finished_run) == before
