@@ -1,0 +1,736 @@
+"""HDF5 checkpoints of an elfish-mpi run (written by rank 0).
+
+A checkpoint is a single HDF5 file holding everything needed to inspect a run
+and to resume it. The module is pure (numpy + h5py); files are never pickled.
+
+File layout (``format_version`` 1)
+----------------------------------
+
+Root attributes:
+
+================  ==========================================================
+``format``        ``"elfish-mpi"``
+``format_version`` ``1`` (integer)
+``round``         number of rounds completed (integer >= 0)
+``config``        the full run configuration as a JSON string
+``strategy``      name of the strategy (string)
+*others*          extra attributes (``Checkpoint.attrs``; str/int/float)
+================  ==========================================================
+
+String attributes (root attributes and ``units``) are stored as fixed-length
+UTF-8 strings, so they live in the checksummed object header rather than in the
+unchecksummed global heap (a damaged global heap can make HDF5 loop forever).
+Opened directly with h5py they read back as ``bytes``
+(``f.attrs["format"].decode()``); :func:`read` returns ``str``.
+
+Groups and datasets:
+
+``/model/<key>``
+    One dataset per ``state_dict`` entry, named verbatim (e.g.
+    ``conv1.weight``), dtype as given (typically float32). Creation order is
+    tracked, so keys come back in ``state_dict`` order.
+``/metrics/<name>``
+    One value per completed round, shape ``(round,)``, chunked with
+    ``maxshape=(None,)``. E.g. ``round``, ``round_time``, ``virtual_time``,
+    ``test_accuracy``, ``test_loss``.
+``/workers/<name>``
+    Per-round, per-worker values, shape ``(round, workers)``,
+    ``maxshape=(None, workers)``. E.g. ``keep_ratio``, ``busy_time``,
+    ``idle_time``, ``virtual_time``, ``num_samples``.
+``/masks/round_NNNNNN/worker_NN/<layer>``
+    int32, sorted indices of the neurons of ``<layer>`` a worker kept (trained)
+    in a round. ``NNNNNN`` is the 1-based round number, zero padded to 6
+    digits; ``NN`` is the 0-based worker index (MPI rank - 1), zero padded to
+    2 digits.
+``/coverage/<layer>``
+    int64 ``(neurons,)``: how often each neuron has been trained so far.
+``/profiles/<name>``
+    Profiling results, e.g. ``step_time`` ``(workers, configs)`` and
+    ``keep_ratios`` ``(configs, layers)``.
+``/state/<name>``
+    Resume state: RNG states, data cursors, planner state (numeric arrays;
+    raw bytes are stored as uint8).
+
+Metrics and worker datasets carry a ``units`` attribute where the unit is
+known: ``"s"`` for ``round_time``, ``virtual_time``, ``busy_time`` and
+``idle_time``; ``"fraction 0..1"`` for ``test_accuracy`` and ``keep_ratio``.
+
+Every dataset with at least one element is written with the ``fletcher32``
+checksum filter (which implies chunked storage); empty datasets are stored
+without filters. Zero-dimensional arrays (e.g. ``bn.num_batches_tracked``) are
+stored as shape ``(1,)`` with the attribute ``scalar=1`` (HDF5 cannot chunk a
+scalar dataset) and come back as 0-d arrays. Files are written with the
+HDF5 1.10 file format, whose metadata (superblock, object headers, chunk
+indexes) is checksummed as well; they need HDF5 >= 1.10 to read.
+
+Dataset and attribute names must not contain ``/`` (or NUL) and must not be
+empty, ``.`` or ``..``.
+
+Run directory layout (see :func:`rotate`)
+-----------------------------------------
+
+``run_dir/checkpoint.h5``
+    the latest checkpoint;
+``run_dir/checkpoints/round-NNNNNN.h5``
+    history, the last ``keep`` rounds.
+
+Writes are atomic: a temporary file (``.<name>.<random>.tmp``, in the same
+directory, so ``round-*.h5`` globs never match it) is written, fsync'ed and
+renamed over the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SUPPORTED_VERSIONS",
+    "UNITS",
+    "Checkpoint",
+    "CheckpointError",
+    "write",
+    "read",
+    "validate",
+    "summary",
+    "rotate",
+    "find_latest_valid",
+]
+
+FORMAT = "elfish-mpi"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+LATEST_NAME = "checkpoint.h5"
+HISTORY_DIR = "checkpoints"
+_HISTORY_RE = re.compile(r"^round-(\d{6,})\.h5$")
+_ROUND_RE = re.compile(r"^round_(\d{6,})$")
+_WORKER_RE = re.compile(r"^worker_(\d{2,})$")
+
+#: ``units`` attribute of metrics / workers datasets, by name.
+UNITS = {
+    "round_time": "s",
+    "virtual_time": "s",
+    "busy_time": "s",
+    "idle_time": "s",
+    "test_accuracy": "fraction 0..1",
+    "keep_ratio": "fraction 0..1",
+}
+
+_RESERVED_ATTRS = ("format", "format_version", "round", "config", "strategy")
+_ARRAY_GROUPS = ("model", "metrics", "workers", "coverage", "profiles", "state")
+_REQUIRED_GROUPS = ("model", "metrics", "workers")
+_NUMERIC_KINDS = "biufc"
+# Object header v2, checksummed metadata; readable by HDF5 >= 1.10.
+_LIBVER = ("v110", "latest")
+_CHUNK_ELEMENTS = 4096
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message names the file and what is wrong."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    config: dict
+    strategy: str
+    model: dict[str, np.ndarray]
+    metrics: dict[str, np.ndarray]
+    workers: dict[str, np.ndarray]
+    masks: dict[int, list[dict[str, np.ndarray]]]
+    coverage: dict[str, np.ndarray]
+    profiles: dict[str, np.ndarray]
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict[str, object] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- #
+# writing
+# --------------------------------------------------------------------------- #
+
+
+def _check_name(what: str, name: object) -> str:
+    if not isinstance(name, str):
+        raise CheckpointError(f"{what}: name {name!r} is not a string")
+    if name in ("", ".", "..") or "/" in name or "\x00" in name:
+        raise CheckpointError(
+            f"{what}: invalid name {name!r} (must be non-empty, not '.'/'..', without '/' or NUL)"
+        )
+    return name
+
+
+def _as_array(what: str, value: object) -> np.ndarray:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raise CheckpointError(f"{what}: raw bytes must be given as a uint8 array (np.frombuffer(b, np.uint8))")
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # e.g. ragged sequences
+        raise CheckpointError(f"{what}: cannot convert to an array: {exc}") from exc
+    if arr.dtype.kind not in _NUMERIC_KINDS:
+        raise CheckpointError(f"{what}: unsupported dtype {arr.dtype} (only numeric/bool arrays can be stored)")
+    return arr
+
+
+def _array_dict(group: str, items: object) -> dict[str, np.ndarray]:
+    if not isinstance(items, dict):
+        raise CheckpointError(f"{group}: expected a dict of name -> array, got {type(items).__name__}")
+    return {_check_name(group, k): _as_array(f"{group}/{k}", v) for k, v in items.items()}
+
+
+def _attr_scalar(what: str, value: object) -> object:
+    if isinstance(value, (bool, np.bool_)):
+        raise CheckpointError(f"{what}: bool attributes are not supported (use int 0/1)")
+    if isinstance(value, (int, np.integer)):
+        return np.int64(value)
+    if isinstance(value, (float, np.floating)):
+        return np.float64(value)
+    if isinstance(value, str):
+        return _fixed_str(value)
+    raise CheckpointError(f"{what}: attribute value {value!r} is not a str, int or float")
+
+
+def _fixed_str(text: str) -> np.ndarray:
+    raw = text.encode("utf-8")
+    return np.array(raw, dtype=h5py.string_dtype("utf-8", max(len(raw), 1)))
+
+
+def _prepare(ckpt: Checkpoint) -> dict:
+    """Check and normalise a checkpoint before any file is touched."""
+    if not isinstance(ckpt, Checkpoint):
+        raise CheckpointError(f"expected a Checkpoint, got {type(ckpt).__name__}")
+    rnd = ckpt.round
+    if isinstance(rnd, (bool, np.bool_)) or not isinstance(rnd, (int, np.integer)) or rnd < 0:
+        raise CheckpointError(f"round must be an integer >= 0, got {rnd!r}")
+    rnd = int(rnd)
+    if not isinstance(ckpt.config, dict):
+        raise CheckpointError(f"config must be a dict, got {type(ckpt.config).__name__}")
+    try:
+        config_json = json.dumps(ckpt.config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"config is not JSON-serialisable: {exc}") from exc
+    if not isinstance(ckpt.strategy, str):
+        raise CheckpointError(f"strategy must be a str, got {type(ckpt.strategy).__name__}")
+
+    attrs = {}
+    if not isinstance(ckpt.attrs, dict):
+        raise CheckpointError(f"attrs must be a dict, got {type(ckpt.attrs).__name__}")
+    for k, v in ckpt.attrs.items():
+        _check_name("attrs", k)
+        if k in _RESERVED_ATTRS:
+            raise CheckpointError(f"attrs: {k!r} is reserved for the checkpoint format")
+        attrs[k] = _attr_scalar(f"attrs/{k}", v)
+
+    groups = {g: _array_dict(g, getattr(ckpt, g)) for g in _ARRAY_GROUPS}
+    for name, arr in groups["metrics"].items():
+        if arr.ndim != 1 or arr.shape[0] != rnd:
+            raise CheckpointError(f"metrics/{name}: expected shape ({rnd},) (one row per round), got {arr.shape}")
+    for name, arr in groups["workers"].items():
+        if arr.ndim != 2 or arr.shape[0] != rnd:
+            raise CheckpointError(
+                f"workers/{name}: expected shape ({rnd}, workers) (one row per round), got {arr.shape}"
+            )
+
+    if not isinstance(ckpt.masks, dict):
+        raise CheckpointError(f"masks: expected a dict round -> list, got {type(ckpt.masks).__name__}")
+    masks: dict[int, list[dict[str, np.ndarray]]] = {}
+    for r, per_worker in ckpt.masks.items():
+        if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or not 1 <= r <= rnd:
+            raise CheckpointError(f"masks: round key {r!r} must be an integer in 1..{rnd} (1-based, completed rounds)")
+        if not isinstance(per_worker, (list, tuple)):
+            raise CheckpointError(f"masks[{r}]: expected a list over workers, got {type(per_worker).__name__}")
+        out = []
+        for w, layers in enumerate(per_worker):
+            if not isinstance(layers, dict):
+                raise CheckpointError(f"masks[{r}][{w}]: expected a dict layer -> indices")
+            norm = {}
+            for layer, idx in layers.items():
+                what = f"masks[{r}][{w}][{layer!r}]"
+                _check_name(what, layer)
+                arr = _as_array(what, idx)
+                if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+                    raise CheckpointError(f"{what}: expected a 1-D integer array, got {arr.dtype} {arr.shape}")
+                if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+                    raise CheckpointError(f"{what}: indices must lie in 0..2**31-1")
+                arr = np.sort(arr.astype(np.int32))
+                if arr.size > 1 and np.any(arr[1:] == arr[:-1]):
+                    raise CheckpointError(f"{what}: duplicate neuron indices")
+                norm[layer] = arr
+            out.append(norm)
+        masks[int(r)] = out
+
+    return {"round": rnd, "config": config_json, "strategy": ckpt.strategy, "attrs": attrs,
+            "groups": groups, "masks": masks}
+
+
+def _create(group: h5py.Group, name: str, arr: np.ndarray, *, extendable: bool = False,
+            units: str | None = None) -> None:
+    scalar = arr.ndim == 0
+    if scalar:
+        arr = arr.reshape(1)
+    kwargs: dict = {}
+    if extendable:
+        if arr.ndim == 1:
+            kwargs["maxshape"] = (None,)
+            kwargs["chunks"] = (min(max(arr.shape[0], 1), _CHUNK_ELEMENTS),)
+        else:
+            cols = arr.shape[1]
+            kwargs["maxshape"] = (None, cols if cols else None)
+            rows = min(max(arr.shape[0], 1), max(1, _CHUNK_ELEMENTS // max(cols, 1)))
+            kwargs["chunks"] = (rows, max(cols, 1))
+    if arr.size:
+        kwargs["fletcher32"] = True
+    ds = group.create_dataset(name, data=arr, **kwargs)
+    if scalar:
+        ds.attrs["scalar"] = np.int64(1)
+    if units is not None:
+        ds.attrs["units"] = _fixed_str(units)
+
+
+def _new_group(parent: h5py.Group, name: str) -> h5py.Group:
+    return parent.create_group(name, track_order=True)
+
+
+def _write_open(f: h5py.File, plan: dict) -> None:
+    f.attrs["format"] = _fixed_str(FORMAT)
+    f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+    f.attrs["round"] = np.int64(plan["round"])
+    f.attrs["config"] = _fixed_str(plan["config"])
+    f.attrs["strategy"] = _fixed_str(plan["strategy"])
+    for k, v in plan["attrs"].items():
+        f.attrs[k] = v
+    for gname, items in plan["groups"].items():
+        g = _new_group(f, gname)
+        for name, arr in items.items():
+            if gname in ("metrics", "workers"):
+                _create(g, name, arr, extendable=True, units=UNITS.get(name))
+            else:
+                _create(g, name, arr)
+    mg = _new_group(f, "masks")
+    for r in sorted(plan["masks"]):
+        rg = _new_group(mg, f"round_{r:06d}")
+        for w, layers in enumerate(plan["masks"][r]):
+            wg = _new_group(rg, f"worker_{w:02d}")
+            for layer, arr in layers.items():
+                _create(wg, layer, arr)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write(path: str | os.PathLike, ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` to ``path`` atomically.
+
+    The checkpoint is checked first (:class:`CheckpointError` on bad input,
+    before any file is created). It is then written to a temporary file in the
+    same directory (``.<name>.<random>.tmp``), closed, fsync'ed, renamed onto
+    ``path`` with :func:`os.replace`, and the directory is fsync'ed. On any
+    exception the temporary file is removed and the exception re-raised; an
+    existing file at ``path`` is left untouched.
+    """
+    path = Path(path)
+    plan = _prepare(ckpt)
+    directory = path.parent
+    tmp = directory / f".{path.name}.{os.getpid()}-{os.urandom(6).hex()}.tmp"
+    try:
+        with h5py.File(tmp, "w-", libver=_LIBVER, track_order=True) as f:
+            _write_open(f, plan)
+            f.flush()
+        # fsync after close: closing still writes metadata (superblock status flags).
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+# --------------------------------------------------------------------------- #
+# reading
+# --------------------------------------------------------------------------- #
+
+
+def _attr_to_str(value: object) -> str | None:
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8")
+    if isinstance(value, str):
+        return str(value)
+    return None
+
+
+def _attr_to_python(value: object) -> object:
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bytes, np.bytes_, str)):
+        return _attr_to_str(value)
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return value
+
+
+def _attr_int(value: object) -> int | None:
+    if isinstance(value, np.ndarray) and value.shape in ((), (1,)):
+        value = value.reshape(())[()]
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    return None
+
+
+class _Reader:
+    def __init__(self, path: Path, f: h5py.File):
+        self.path = path
+        self.f = f
+        self.file_size = os.path.getsize(path)
+
+    def fail(self, msg: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {msg}")
+
+    def load(self, ds: h5py.Dataset, *, kinds: str = _NUMERIC_KINDS) -> np.ndarray:
+        where = ds.name
+        if ds.dtype.kind not in kinds:
+            raise self.fail(f"{where}: unexpected dtype {ds.dtype}")
+        if ds.shape is None:
+            raise self.fail(f"{where}: dataset has no shape")
+        if ds.size * ds.dtype.itemsize > self.file_size:
+            raise self.fail(f"{where}: dataset claims {ds.size * ds.dtype.itemsize} bytes, "
+                            f"more than the file holds (corrupt)")
+        try:
+            arr = ds[()]
+        except OSError as exc:
+            raise self.fail(f"{where}: checksum mismatch or corrupt data ({exc})") from exc
+        arr = np.asarray(arr)
+        if arr.dtype.kind not in kinds:
+            raise self.fail(f"{where}: unexpected dtype {arr.dtype}")
+        if _attr_int(ds.attrs.get("scalar")) == 1 and arr.shape == (1,):
+            arr = arr.reshape(())
+        return arr
+
+    def group(self, name: str, *, required: bool) -> h5py.Group | None:
+        if name not in self.f:
+            if required:
+                raise self.fail(f"missing required group '/{name}'")
+            return None
+        g = self.f[name]
+        if not isinstance(g, h5py.Group):
+            raise self.fail(f"'/{name}' is not a group")
+        return g
+
+    def arrays(self, name: str, *, required: bool) -> dict[str, np.ndarray]:
+        g = self.group(name, required=required)
+        out: dict[str, np.ndarray] = {}
+        if g is None:
+            return out
+        for key in g:
+            obj = g[key]
+            if not isinstance(obj, h5py.Dataset):
+                raise self.fail(f"'/{name}/{key}' is not a dataset")
+            out[key] = self.load(obj)
+        return out
+
+    def masks(self) -> dict[int, list[dict[str, np.ndarray]]]:
+        g = self.group("masks", required=False)
+        out: dict[int, list[dict[str, np.ndarray]]] = {}
+        if g is None:
+            return out
+        for rname in g:
+            m = _ROUND_RE.match(rname)
+            rg = g[rname]
+            if m is None or not isinstance(rg, h5py.Group):
+                raise self.fail(f"unexpected entry '/masks/{rname}' (expected group round_NNNNNN)")
+            workers: dict[int, dict[str, np.ndarray]] = {}
+            for wname in rg:
+                wm = _WORKER_RE.match(wname)
+                wg = rg[wname]
+                if wm is None or not isinstance(wg, h5py.Group):
+                    raise self.fail(f"unexpected entry '/masks/{rname}/{wname}' (expected group worker_NN)")
+                layers = {}
+                for layer in wg:
+                    ds = wg[layer]
+                    if not isinstance(ds, h5py.Dataset):
+                        raise self.fail(f"'{ds.name}' is not a dataset")
+                    arr = self.load(ds, kinds="iu")
+                    if arr.ndim != 1:
+                        raise self.fail(f"'{ds.name}': expected 1-D indices, got shape {arr.shape}")
+                    layers[layer] = arr
+                workers[int(wm.group(1))] = layers
+            if sorted(workers) != list(range(len(workers))):
+                raise self.fail(f"'/masks/{rname}': worker groups are not numbered 0..{len(workers) - 1}")
+            out[int(m.group(1))] = [workers[i] for i in range(len(workers))]
+        return dict(sorted(out.items()))
+
+    def checkpoint(self, load_masks: bool) -> Checkpoint:
+        attrs = self.f.attrs
+        if "format" not in attrs:
+            raise self.fail(f"not an {FORMAT} checkpoint (no 'format' attribute)")
+        fmt = _attr_to_str(attrs["format"])
+        if fmt != FORMAT:
+            raise self.fail(f"not an {FORMAT} checkpoint (format is {fmt!r})")
+        if "format_version" not in attrs:
+            raise self.fail("missing required attribute 'format_version'")
+        version = _attr_int(attrs["format_version"])
+        if version not in SUPPORTED_VERSIONS:
+            supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
+            raise self.fail(f"unsupported format_version {attrs['format_version']!r}; "
+                            f"this version of elfish-mpi supports format_version {supported}")
+        for name in ("round", "config", "strategy"):
+            if name not in attrs:
+                raise self.fail(f"missing required attribute '{name}'")
+        rnd = _attr_int(attrs["round"])
+        if rnd is None or rnd < 0:
+            raise self.fail(f"attribute 'round' must be an integer >= 0, got {attrs['round']!r}")
+        config_text = _attr_to_str(attrs["config"])
+        if config_text is None:
+            raise self.fail("attribute 'config' is not a string")
+        try:
+            config = json.loads(config_text)
+        except ValueError as exc:
+            raise self.fail(f"attribute 'config' is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise self.fail("attribute 'config' is not a JSON object")
+        strategy = _attr_to_str(attrs["strategy"])
+        if strategy is None:
+            raise self.fail("attribute 'strategy' is not a string")
+        extra = {k: _attr_to_python(attrs[k]) for k in attrs if k not in _RESERVED_ATTRS}
+
+        for g in _REQUIRED_GROUPS:
+            self.group(g, required=True)
+        groups = {g: self.arrays(g, required=g in _REQUIRED_GROUPS) for g in _ARRAY_GROUPS}
+        for name, arr in groups["metrics"].items():
+            if arr.ndim != 1 or arr.shape[0] != rnd:
+                raise self.fail(f"metrics/{name} has shape {arr.shape}, expected ({rnd},) for round {rnd}")
+        for name, arr in groups["workers"].items():
+            if arr.ndim != 2 or arr.shape[0] != rnd:
+                raise self.fail(f"workers/{name} has shape {arr.shape}, expected ({rnd}, workers) for round {rnd}")
+        masks = self.masks() if load_masks else {}
+        return Checkpoint(round=rnd, config=config, strategy=strategy, masks=masks, attrs=extra, **groups)
+
+    def verify_all(self) -> None:
+        datasets: list[h5py.Dataset] = []
+
+        def visit(_name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset):
+                datasets.append(obj)
+
+        self.f.visititems(visit)
+        for ds in datasets:
+            self.load(ds)
+
+
+def _open_and(path: str | os.PathLike, action):
+    """Open ``path`` read-only and run ``action(reader)``; turn every failure into CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from exc
+    try:
+        result = action(_Reader(path, f))
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"{path}: checksum mismatch or corrupt data ({exc})") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: corrupt or malformed checkpoint ({type(exc).__name__}: {exc})") from exc
+    finally:
+        try:
+            f.close()
+        except Exception:
+            pass
+    return result
+
+
+def read(path: str | os.PathLike, *, load_masks: bool = True) -> Checkpoint:
+    """Read a checkpoint; every problem is reported as :class:`CheckpointError`.
+
+    With ``load_masks=False`` the (potentially large) mask history is skipped
+    and ``Checkpoint.masks`` is empty.
+    """
+    return _open_and(path, lambda r: r.checkpoint(load_masks))
+
+
+def validate(path: str | os.PathLike, *, expect_model: dict[str, tuple] | None = None) -> Checkpoint:
+    """:func:`read` the checkpoint, then read every dataset in the file (verifying checksums).
+
+    If ``expect_model`` (state_dict key -> shape) is given, the model must have
+    exactly those keys and shapes; all mismatches are listed in one
+    :class:`CheckpointError`.
+    """
+    def action(r: _Reader) -> Checkpoint:
+        ckpt = r.checkpoint(load_masks=True)
+        r.verify_all()
+        return ckpt
+
+    ckpt = _open_and(path, action)
+    if expect_model is not None:
+        problems = []
+        for key, shape in expect_model.items():
+            if key not in ckpt.model:
+                problems.append(f"missing model key {key!r} (expected shape {tuple(shape)})")
+            elif tuple(ckpt.model[key].shape) != tuple(shape):
+                problems.append(f"model key {key!r} has shape {tuple(ckpt.model[key].shape)}, "
+                                f"expected {tuple(shape)}")
+        for key in ckpt.model:
+            if key not in expect_model:
+                problems.append(f"unexpected model key {key!r} (shape {tuple(ckpt.model[key].shape)})")
+        if problems:
+            raise CheckpointError(f"{Path(path)}: model does not match:\n  " + "\n  ".join(problems))
+    return ckpt
+
+
+# --------------------------------------------------------------------------- #
+# reporting
+# --------------------------------------------------------------------------- #
+
+
+def summary(ckpt: Checkpoint) -> str:
+    """A few human-readable lines describing ``ckpt``."""
+    n_values = sum(int(np.asarray(a).size) for a in ckpt.model.values())
+    n_bytes = sum(int(np.asarray(a).nbytes) for a in ckpt.model.values())
+    lines = [
+        f"round {ckpt.round}, strategy {ckpt.strategy!r}",
+        f"model: {len(ckpt.model)} tensors, {n_values:,} values ({n_bytes / 1024:.1f} KiB)",
+    ]
+    acc = np.asarray(ckpt.metrics.get("test_accuracy", np.empty(0)), dtype=float).ravel()
+    finite = np.flatnonzero(np.isfinite(acc))
+    if finite.size:
+        i = int(finite[-1])
+        rounds = ckpt.metrics.get("round")
+        at = int(rounds[i]) if rounds is not None and len(rounds) > i and np.isfinite(rounds[i]) else i + 1
+        lines.append(f"last test accuracy: {acc[i]:.4f} (round {at})")
+    else:
+        lines.append("last test accuracy: none recorded")
+    keep = ckpt.workers.get("keep_ratio")
+    if keep is not None and np.asarray(keep).ndim == 2 and np.asarray(keep).size:
+        with np.errstate(all="ignore"):
+            per_worker = np.nanmean(np.asarray(keep, dtype=float), axis=0)
+        if np.all(np.isnan(per_worker)):
+            lines.append(f"workers: {per_worker.size}, keep ratio not recorded")
+        else:
+            lines.append(f"workers: {per_worker.size}, mean keep ratio {np.nanmean(per_worker):.3f} "
+                         f"(per worker {np.nanmin(per_worker):.3f}..{np.nanmax(per_worker):.3f})")
+    else:
+        n_workers = next((np.asarray(a).shape[1] for a in ckpt.workers.values() if np.asarray(a).ndim == 2), 0)
+        lines.append(f"workers: {n_workers}, keep ratio not recorded")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# run directory
+# --------------------------------------------------------------------------- #
+
+
+def _history(run_dir: Path) -> list[tuple[int, Path]]:
+    """History files as (round, path), oldest first."""
+    hist_dir = run_dir / HISTORY_DIR
+    if not hist_dir.is_dir():
+        return []
+    found = []
+    for p in hist_dir.glob("round-*.h5"):
+        m = _HISTORY_RE.match(p.name)
+        if m is not None and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def rotate(run_dir: str | os.PathLike, ckpt: Checkpoint, keep: int) -> Path:
+    """Save ``ckpt`` into ``run_dir`` and prune the history.
+
+    Writes ``run_dir/checkpoints/round-NNNNNN.h5`` atomically, then
+    ``run_dir/checkpoint.h5`` atomically (a separate copy, not a link), then
+    deletes the oldest history files so that only the newest ``keep`` remain
+    (``keep=0`` keeps all; the file just written is never deleted). Returns
+    the history path.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 0:
+        raise ValueError(f"keep must be an integer >= 0, got {keep!r}")
+    _prepare(ckpt)  # reject a bad checkpoint before creating anything
+    run_dir = Path(run_dir)
+    hist_dir = run_dir / HISTORY_DIR
+    hist_dir.mkdir(parents=True, exist_ok=True)
+    hist_path = hist_dir / f"round-{int(ckpt.round):06d}.h5"
+    write(hist_path, ckpt)
+    write(run_dir / LATEST_NAME, ckpt)
+    if keep:
+        history = _history(run_dir)
+        excess = len(history) - keep
+        for _rnd, p in history:
+            if excess <= 0:
+                break
+            if p == hist_path:
+                continue
+            p.unlink(missing_ok=True)
+            excess -= 1
+        _fsync_dir(hist_dir)
+    return hist_path
+
+
+def find_latest_valid(run_dir: str | os.PathLike) -> tuple[Path, list[str]]:
+    """Find the checkpoint to resume from.
+
+    Candidates, in order: ``run_dir/checkpoint.h5``, then
+    ``run_dir/checkpoints/round-*.h5`` newest first. Returns the first one that
+    :func:`validate` accepts, plus messages about the candidates skipped.
+    Raises :class:`CheckpointError` listing what was tried if none is valid.
+    """
+    run_dir = Path(run_dir)
+    latest = run_dir / LATEST_NAME
+    history = [p for _r, p in reversed(_history(run_dir))]
+    skipped: list[str] = []
+    if latest.exists():
+        candidates = [latest] + history
+    else:
+        candidates = history
+        if history:
+            skipped.append(f"{latest}: missing; falling back to the history in {run_dir / HISTORY_DIR}")
+    for p in candidates:
+        try:
+            validate(p)
+        except CheckpointError as exc:
+            skipped.append(f"skipped damaged checkpoint {exc}")
+            continue
+        return p, skipped
+    if not candidates:
+        raise CheckpointError(f"{run_dir}: no checkpoint found (looked for {LATEST_NAME} and "
+                              f"{HISTORY_DIR}/round-*.h5)")
+    raise CheckpointError(f"{run_dir}: no valid checkpoint; tried:\n  " + "\n  ".join(skipped))
