@@ -14,9 +14,10 @@ import torch
 from torch.nn import functional as F
 
 from . import checkpoint as ckptmod
-from . import profiling
+from . import profiling, signals
 from .aggregation import combine, accumulate
-from .comm import Comm
+from .comm import Comm, RoundTimeout
+from .fleet import load_trace
 from .config import Config
 from .masking import compute_ratio, keep_ratio, make_masks
 from .models import MaskableCNN, ModelSpec
@@ -56,6 +57,8 @@ class Aggregator:
         self.out = Path(cfg.run.out)
         self.x_test, self.y_test = test
         self.strategy = make_strategy(cfg, spec, self.num_workers)
+        self.start_capacity = cfg.capacities(self.num_workers)
+        self.trace = load_trace(cfg.workers.trace, self.num_workers) if cfg.workers.trace else None
         self.model = MaskableCNN(spec)
         resume = setup.get("resume_ckpt")
         if resume is not None:
@@ -98,7 +101,7 @@ class Aggregator:
             "step_time": rows[:, :c],
             "macs": rows[:, c : 2 * c],
             "memory_bytes": rows[:, 2 * c :],
-            "capacity": np.asarray(self.cfg.capacities(self.num_workers), dtype=np.float64),
+            "capacity": np.asarray(self.start_capacity, dtype=np.float64),
         }
 
     def make_planner(self, state: dict | None) -> None:
@@ -127,28 +130,38 @@ class Aggregator:
         t_run = time.perf_counter()
         if self.start_round >= cfg.run.rounds:
             print(f"elfish-mpi: checkpoint is already at round {self.start_round} of run.rounds = {cfg.run.rounds}; nothing to do")
+        stopped_by = None
         for rnd in range(self.start_round + 1, cfg.run.rounds + 1):
             t0 = time.perf_counter()
-            # 1. plan: keep ratios per worker and layer, then this round's masks
-            ratios = self.strategy.configure(rnd)
+            # 1. plan: what each worker trains (keep ratios, steps, limits), then this round's masks
+            assignments = self.strategy.configure(rnd)
+            ratios = [a.ratios for a in assignments]
             masks = [
                 make_masks(spec, ratios[w], self.strategy.mask_policy, seed=cfg.run.seed, round=rnd, worker=w)
                 for w in range(self.num_workers)
             ]
+            capacity = self.trace.capacities(rnd, self.start_capacity) if self.trace else self.start_capacity
             # 2. broadcast the plan and the global model
-            self.comm.bcast_obj({"stop": False, "round": rnd, "masks": masks})
+            self.comm.bcast_obj({
+                "stop": False, "round": rnd, "masks": masks, "capacity": capacity, "balance": self.strategy.balance,
+                "steps": [a.steps for a in assignments], "time_limit": [a.time_limit for a in assignments],
+                "mu": [a.mu for a in assignments],
+            })
             self.comm.bcast_array(self.flat)
-            # 3. collect the masked updates and recover the global model
+            # 3. collect the masked updates; drop late and non-finite ones; recover the global model
             idxs = [param_index(spec, m) for m in masks]
-            stats, num, den = self.collect(idxs)
-            total_weight = float(stats[:, STATS.index("weight")].sum())
+            stats, num, den, accepted = self.collect(rnd, idxs)
+            total_weight = float(stats[accepted, STATS.index("weight")].sum())
             self.flat = combine(self.flat, num, den, total_weight, self.strategy.aggregation)
+            if not np.all(np.isfinite(self.flat)):
+                raise FloatingPointError(f"round {rnd}: the aggregated model is not finite")
             round_time = time.perf_counter() - t0
             # 4. learn from the measured times; count which neurons were trained
             for w in range(self.num_workers):
                 self.strategy.observe(w, ratios[w], stats[w, STATS.index("step_time")])
-                for name, kept in masks[w].items():
-                    self.coverage[name][kept] += 1
+                if accepted[w]:
+                    for name, kept in masks[w].items():
+                        self.coverage[name][kept] += 1
             self.cursors = stats[:, STATS.index("cursor")].astype(np.int64)
             # 5. evaluate, record, report, checkpoint
             t_eval = time.perf_counter()
@@ -158,30 +171,53 @@ class Aggregator:
                 acc, loss = evaluate(self.model, self.x_test, self.y_test)
             eval_time = time.perf_counter() - t_eval
             keep = [keep_ratio(spec, m) for m in masks]
-            self.record(rnd, round_time, acc, loss, eval_time, stats, keep, ratios, masks, time.perf_counter() - t_run)
-            self.report(rnd, acc, round_time, keep)
-            if rnd % cfg.checkpoint.every == 0 or rnd == cfg.run.rounds:
+            self.record(rnd, round_time, acc, loss, eval_time, stats, keep, ratios, masks, capacity, accepted,
+                        time.perf_counter() - t_run)
+            self.report(rnd, acc, round_time, keep, stats)
+            stopped_by = signals.requested() or ("SIGTERM" if stats[:, STATS.index("signal")].any() else None)
+            if rnd % cfg.checkpoint.every == 0 or rnd == cfg.run.rounds or stopped_by:
                 t_ck = time.perf_counter()
                 self.save(rnd)
                 self.metrics["checkpoint_time"][-1] = time.perf_counter() - t_ck
+            if stopped_by and rnd < cfg.run.rounds:
+                print(
+                    f"elfish-mpi: {stopped_by} received: stopped after round {rnd} with a checkpoint; "
+                    f"continue with --resume {self.out}",
+                    flush=True,
+                )
+                self.comm.bcast_obj({"stop": True})
+                return signals.EXIT_PREEMPTED
         self.comm.bcast_obj({"stop": True})
         self.summary()
+        return 0
 
-    def collect(self, idxs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def collect(self, rnd: int, idxs: list[np.ndarray]):
+        """Stats, the weighted sums (num, den) of the accepted updates, and which were accepted."""
         timeout = self.cfg.run.round_timeout
         size = self.flat.size
+        try:
+            if self.cfg.strategy.transport == "gather":
+                stats, values = self.comm.recv_updates([len(i) for i in idxs], len(STATS), timeout)
+                finite = np.array([bool(np.all(np.isfinite(v))) for v in values])
+            else:
+                stats = self.comm.recv_stats(self.num_workers, len(STATS), timeout)
+                summed = self.comm.reduce_sum(np.zeros((2, size), dtype=np.float64), timeout)
+                finite = stats[:, STATS.index("finite")] > 0
+        except RoundTimeout as exc:
+            raise RoundTimeout(f"round {rnd}: {exc}") from None
+        late = stats[:, STATS.index("late")] > 0
+        accepted = finite & ~late
+        for w in np.flatnonzero(~finite):
+            print(f"elfish-mpi: round {rnd}: rejected the non-finite update of worker rank {w + 1}", flush=True)
         if self.cfg.strategy.transport == "gather":
-            stats, values = self.comm.recv_updates([len(i) for i in idxs], len(STATS), timeout)
             weights = stats[:, STATS.index("weight")]
-            num, den = accumulate(size, zip(idxs, values, weights))
+            num, den = accumulate(size, ((idxs[w], values[w], weights[w]) for w in np.flatnonzero(accepted)))
         else:
-            stats = self.comm.recv_stats(self.num_workers, len(STATS), timeout)
-            summed = self.comm.reduce_sum(np.zeros((2, size), dtype=np.float64), timeout)
             num, den = summed[0], summed[1]
-        return stats, num, den
+        return stats, num, den, accepted
 
     # -- records -------------------------------------------------------------------------
-    def record(self, rnd, round_time, acc, loss, eval_time, stats, keep, ratios, masks, elapsed) -> None:
+    def record(self, rnd, round_time, acc, loss, eval_time, stats, keep, ratios, masks, capacity, accepted, elapsed) -> None:
         col = {name: stats[:, i] for i, name in enumerate(STATS)}
         row = {
             "round": rnd,
@@ -191,6 +227,7 @@ class Aggregator:
             "test_accuracy": acc,
             "test_loss": loss,
             "train_loss": float(np.average(col["train_loss"], weights=col["num_samples"])),
+            "updates_accepted": int(accepted.sum()),
             "eval_time": eval_time,
             "checkpoint_time": 0.0,
         }
@@ -207,6 +244,10 @@ class Aggregator:
             "train_loss": col["train_loss"],
             "weight": col["weight"],
             "bytes_sent": col["bytes_sent"],
+            "capacity": capacity,
+            "steps": col["steps"],
+            "dropped": col["late"],
+            "rejected": 1.0 - col["finite"],
         }
         for name in self.spec.maskable:
             per_worker[f"keep_ratio_{name}"] = [r[name] for r in ratios]
@@ -214,10 +255,12 @@ class Aggregator:
             self.workers.setdefault(k, []).append([float(x) for x in v])
         self.masks[rnd] = masks
 
-    def report(self, rnd, acc, round_time, keep) -> None:
+    def report(self, rnd, acc, round_time, keep, stats) -> None:
         acc_s = f"{acc:6.2%}" if np.isfinite(acc) else "   -  "
         keeps = " ".join(f"{k:.2f}" for k in keep)
-        print(f"round {rnd:4d}/{self.cfg.run.rounds}  acc {acc_s}  time {round_time:7.3f}s  keep [{keeps}]", flush=True)
+        dropped = int(stats[:, STATS.index("late")].sum())
+        extra = f"  dropped {dropped}" if dropped else ""
+        print(f"round {rnd:4d}/{self.cfg.run.rounds}  acc {acc_s}  time {round_time:7.3f}s  keep [{keeps}]{extra}", flush=True)
 
     def checkpoint(self, rnd: int) -> "ckptmod.Checkpoint":
         state = {"cursor": self.cursors.copy()}

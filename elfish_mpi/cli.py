@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def prepare(args, num_workers: int) -> dict:
     elif ckpt is not None and not args.config and Path(args.resume).is_dir():
         cfg.run.out = str(Path(args.resume))
     cfg.check_world(num_workers)
+    if cfg.workers.trace:
+        from .fleet import load_trace
+
+        load_trace(cfg.workers.trace, num_workers)
     out = Path(cfg.run.out).resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"run directory {out} exists and is not a directory")
@@ -154,6 +159,7 @@ def prepare(args, num_workers: int) -> dict:
         "resume": ckpt is not None,
         "cursors": [int(c) for c in ckpt.state["cursor"]] if ckpt is not None and "cursor" in ckpt.state else None,
         "notes": notes,
+        "job_id": f"{os.getpid()}-{int(time.time())}",
         "_test": test,
         "_ckpt": ckpt,
     }
@@ -167,8 +173,10 @@ def known_errors():
 
 
 def train(args) -> int:
+    from . import signals
     from .comm import Comm
 
+    signals.install()
     comm = Comm()
     setup, error = None, None
     if comm.rank == 0:
@@ -222,10 +230,12 @@ def run_job(comm, setup: dict) -> int:
             f"{comm.size - 1} workers, capacities [{caps}], throttle {cfg.workers.throttle}, out {cfg.run.out}",
             flush=True,
         )
-        Aggregator(comm, cfg, spec, setup, (x, y)).run()
+        code = Aggregator(comm, cfg, spec, setup, (x, y)).run()
     else:
         Worker(comm, cfg, spec, setup).run(do_profile=not setup["resume"])
-    return 0
+        code = 0
+    # Every rank leaves with rank 0's verdict (0: done, EXIT_PREEMPTED: stopped by a signal).
+    return int(comm.bcast_obj(code))
 
 
 # ---------------------------------------------------------------------- inspection

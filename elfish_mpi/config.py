@@ -120,19 +120,42 @@ class TrainConfig:
         _number("train.momentum", self.momentum, 0.0, 0.999)
 
 
-THROTTLES = ("sleep", "virtual", "none")
+THROTTLES = ("sleep", "virtual", "none", "cgroup", "affinity")
+
+# Named fleets: capacities per worker, repeated cyclically when the job has more workers.
+FLEETS = {
+    "uniform": [1.0],
+    # ELFISH's testbed: Jetson Nano, AWS DeepLens and Raspberry Pi take 16, 80 and 30
+    # minutes per training cycle (Xu et al. 2019), so capacities 16/16, 16/80, 16/30.
+    "paper": [1.0, 0.2, 0.533],
+    "quickstart": [1.0, 1.0, 0.5, 0.25],
+    "one-straggler": [1.0, 1.0, 1.0, 0.25],
+    "tiers": [1.0, 0.5, 0.25],
+}
 
 
 @dataclass(kw_only=True)
 class WorkersConfig:
     capacity: list = _doc(
         "Relative speed of each worker rank (1.0 = full speed); one value per worker, "
-        "so its length must equal the number of ranks minus one. Empty: all 1.0.",
+        "so its length must equal the number of ranks minus one. Empty: workers.fleet, else all 1.0.",
         factory=list,
+    )
+    fleet: str = _doc(
+        "A named fleet instead of a capacity list: " + ", ".join(FLEETS) + " (repeated over the workers); "
+        "paper = Jetson Nano, AWS DeepLens, Raspberry Pi (1, 0.2, 0.533).",
+        "",
+    )
+    trace: str = _doc(
+        "CSV of capacities over time: a header 'round,w1,...,wN', then rows 'R,c1,...,cN'; from round R on "
+        "(until the next row) worker i runs at capacity ci. Empty: capacities stay fixed.",
+        "",
     )
     throttle: str = _doc(
         "How a capacity below 1 is enforced: sleep (sleep after each step so wall time = compute / capacity), "
-        "virtual (no sleeping; reported times are CPU time / capacity), none (real heterogeneity of the machines).",
+        "virtual (no sleeping; reported times are CPU time / capacity), cgroup (a CPU quota per worker: cgroup v2 "
+        "cpu.max or v1 cpu.cfs_quota_us), affinity (each worker pinned to a share of the cores), "
+        "none (real heterogeneity of the machines).",
         "sleep",
     )
 
@@ -142,10 +165,16 @@ class WorkersConfig:
         for i, c in enumerate(self.capacity):
             _number(f"workers.capacity[{i}]", c, 0.0, 1.0, lo_open=True)
         self.capacity = [float(c) for c in self.capacity]
+        if self.fleet != "":
+            _choice("workers.fleet", self.fleet, tuple(FLEETS))
+            if self.capacity:
+                raise ConfigError("give either workers.capacity or workers.fleet, not both")
+        if not isinstance(self.trace, str):
+            raise ConfigError("workers.trace must be a path (string)")
         _choice("workers.throttle", self.throttle, THROTTLES)
 
 
-STRATEGIES = ("fedavg", "elfish")
+STRATEGIES = ("fedavg", "fedavg-drop", "fedprox-partial", "heterofl", "fedrolex", "elfish")
 AGGREGATIONS = ("balanced", "naive")
 MASK_POLICIES = ("random", "rolling", "ordered")
 TRANSPORTS = ("gather", "reduce")
@@ -153,7 +182,12 @@ TRANSPORTS = ("gather", "reduce")
 
 @dataclass(kw_only=True)
 class StrategyConfig:
-    name: str = _doc("fedavg (every worker trains the full model; the round waits for all) or elfish.", "elfish")
+    name: str = _doc(
+        "fedavg (full model everywhere, waits for all), fedavg-drop (round deadline, late updates dropped), "
+        "fedprox-partial (full model, stragglers take fewer steps, proximal term), heterofl (static nested widths), "
+        "fedrolex (rolling window of neurons), elfish (profile-guided per-layer masks, dynamic masking).",
+        "elfish",
+    )
     aggregation: str = _doc(
         "balanced (each parameter averaged over the workers that trained it) or naive (masked parameters count as zero updates).",
         "balanced",
@@ -171,7 +205,8 @@ class StrategyConfig:
         "so soft-trained updates count less (b > 0) or as much as full ones (b = 0).",
         0.5,
     )
-    replan: bool = _doc("Re-plan every round from the measured round times.", True)
+    replan: bool = _doc("Re-plan every round from the measured round times (elfish).", True)
+    mu: float = _doc("Proximal coefficient of fedprox-partial: the local loss gains mu/2 * ||w - w_global||^2.", 0.01)
     profile_steps: int = _doc("Training steps timed per keep-ratio configuration at start-up.", 3)
     transport: str = _doc("How updates reach rank 0: gather (each worker sends only its kept values) or reduce (an MPI sum of dense weighted updates and coverage).", "gather")
 
@@ -190,6 +225,7 @@ class StrategyConfig:
         if not isinstance(self.replan, bool):
             raise ConfigError(f"strategy.replan = {self.replan!r} must be true or false")
         _positive_int("strategy.profile_steps", self.profile_steps)
+        _number("strategy.mu", self.mu, 0.0, 1e3)
         _choice("strategy.transport", self.transport, TRANSPORTS)
 
 
@@ -270,7 +306,13 @@ class Config:
             raise ConfigError(f"strategy.keep_ratios {kr} go below strategy.min_keep = {self.strategy.min_keep}")
 
     def capacities(self, num_workers: int) -> list[float]:
-        return list(self.workers.capacity) if self.workers.capacity else [1.0] * num_workers
+        """Each worker's capacity at the start of the run."""
+        if self.workers.capacity:
+            return list(self.workers.capacity)
+        if self.workers.fleet:
+            preset = FLEETS[self.workers.fleet]
+            return [preset[i % len(preset)] for i in range(num_workers)]
+        return [1.0] * num_workers
 
     # -- documentation -------------------------------------------------------
     @staticmethod
@@ -317,7 +359,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         section, key, value = parse_override(text)
         if section not in SECTIONS:
             raise ConfigError(f"--set {text!r}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
-        raw.setdefault(section, {})[key] = value
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"[{section}] must be a table of keys (it is {raw[section]!r})")
+        raw[section][key] = value
     try:
         return Config.from_dict(raw)
     except TypeError as exc:  # pragma: no cover - guarded by the unknown-key check

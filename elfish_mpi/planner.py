@@ -83,9 +83,30 @@ class Planner:
             ratios, current = best, best_time
         return ratios
 
+    def target_step(self) -> float:
+        """Seconds per step a worker must meet: the deadline plus the slack."""
+        return self.deadline_step() * (1.0 + self.slack)
+
     def plan(self) -> list[dict[str, float]]:
-        target = self.deadline_step() * (1.0 + self.slack)
+        target = self.target_step()
         return [self.plan_worker(w, target) for w in range(self.num_workers)]
+
+    def plan_uniform(self) -> list[float]:
+        """One keep ratio per worker for every layer (nested-width methods): the largest
+        multiple of ``step`` (>= min_keep) whose prediction meets the deadline."""
+        target = self.target_step()
+        out = []
+        for w in range(self.num_workers):
+            r = 1.0
+            while r - self.step >= self.min_keep - 1e-9 and self.predict(w, {n: r for n in self._widths}) > target:
+                r = round(r - self.step, 10)
+            out.append(r)
+        return out
+
+    def steps_within(self, worker: int, steps: int) -> int:
+        """How many full-model steps ``worker`` fits in the deadline's ``steps`` steps (>= 1)."""
+        full = self.predict(worker, {n: 1.0 for n in self._widths})
+        return int(max(1, min(steps, np.floor(steps * self.target_step() / full)))) if full > 0 else steps
 
     def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:
         """Fold a measured time per step into the worker's scale."""

@@ -1,31 +1,139 @@
 """Strategies: what each worker trains in a round, and how updates combine. No MPI here.
 
-A strategy answers ``configure(round) -> list of per-layer keep ratios`` (one dict per
-worker) and names its mask policy and aggregation. The round loop turns the ratios into
-masks (masking.py) and the updates into the new model (aggregation.py).
+A strategy's ``configure(round)`` gives one :class:`Assignment` per worker: keep ratio per
+maskable layer, local steps, a time limit and a proximal coefficient. It also names the
+mask policy (which neurons the ratios keep), the aggregation mode and the balancing
+exponent. The round loop turns assignments into masks (masking.py) and updates into the
+new model (aggregation.py). Every strategy runs on the same MPI path, data, seeds and
+throttled fleet, so they compare fairly.
 
-- ``fedavg`` (McMahan et al., 2017): every worker trains the full model; the round waits
-  for the slowest worker. Aggregation over full updates (balanced == naive here).
-- ``elfish`` (Xu et al., 2019): a straggler soft-trains a sub-network. Keep ratios come
-  from ``strategy.keep_ratios`` if given, else from the planner (profiles + deadline,
-  re-planned from measured round times); masks follow ``strategy.mask_policy`` (random:
-  a different set every round); aggregation follows ``strategy.aggregation``.
+- ``fedavg`` (McMahan et al., AISTATS 2017): every worker trains the full model for
+  ``train.local_steps``; the round waits for the slowest worker; sample-weighted average.
+- ``fedavg-drop`` (FedAvg with a round deadline, as deployed by Bonawitz et al., 2019):
+  full model; a worker that has not finished by the deadline stops there and its update
+  is dropped. Deadline: ``strategy.deadline`` or the fastest worker's full-model round
+  time (predicted from the profiles) plus the planner's slack.
+- ``fedprox-partial`` (Li et al., MLSys 2020, "FedProx"): full model; a straggler does only
+  the steps that fit in the deadline (partial work), and every worker's local loss carries
+  the proximal term ``mu/2 * ||w - w_global||^2``. Steps re-planned from measured times.
+- ``heterofl`` (Diao et al., ICLR 2021): static nested sub-models: a worker keeps the first
+  ``k`` neurons of every layer, one width ratio per worker fixed from the profiles at the
+  start; each parameter is averaged over the workers that hold it (balance exponent 0).
+- ``fedrolex`` (Alam et al., NeurIPS 2022): the widths of HeteroFL, but the kept window of
+  each layer rolls by one neuron every round, so every neuron is trained over time;
+  parameter-wise averaging as in HeteroFL.
+- ``elfish`` (Xu et al., 2019): profile-guided per-layer keep ratios that cut the most
+  resource-intensive neurons first, re-planned every round from measured times (or fixed
+  by ``strategy.keep_ratios``); a fresh random mask every round (``strategy.mask_policy``);
+  ``strategy.aggregation`` balanced (default) or naive (the ablation), weights
+  ``num_samples * keep_ratio ** strategy.balance``.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .config import Config
 from .models import ModelSpec
 from .planner import Planner
 
 
+@dataclass
+class Assignment:
+    ratios: dict  # maskable layer -> keep ratio
+    steps: int  # local SGD steps
+    time_limit: float = 0.0  # seconds of training after which the worker stops and is dropped (0: none)
+    mu: float = 0.0  # proximal coefficient
+
+
 class Strategy:
     name = "base"
+    mask_policy = "ordered"
+    uses_planner = False
 
     def __init__(self, cfg: Config, spec: ModelSpec, num_workers: int):
         self.cfg = cfg
         self.spec = spec
         self.num_workers = num_workers
         self.planner: Planner | None = None
+
+    @property
+    def aggregation(self) -> str:
+        return "balanced"
+
+    @property
+    def balance(self) -> float:
+        return 0.0
+
+    @property
+    def needs_planner(self) -> bool:
+        return self.uses_planner
+
+    def full(self) -> dict[str, float]:
+        return {name: 1.0 for name in self.spec.maskable}
+
+    def uniform(self, r: float) -> dict[str, float]:
+        return {name: r for name in self.spec.maskable}
+
+    def configure(self, round: int) -> list[Assignment]:
+        steps = self.cfg.train.local_steps
+        return [Assignment(self.full(), steps) for _ in range(self.num_workers)]
+
+    def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:
+        if self.planner is not None:
+            self.planner.observe(worker, ratios, measured_step)
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+
+
+class FedAvgDrop(Strategy):
+    name = "fedavg-drop"
+    uses_planner = True
+
+    def configure(self, round: int) -> list[Assignment]:
+        steps = self.cfg.train.local_steps
+        limit = self.cfg.strategy.deadline or self.planner.target_step() * steps
+        return [Assignment(self.full(), steps, time_limit=limit) for _ in range(self.num_workers)]
+
+
+class FedProxPartial(Strategy):
+    name = "fedprox-partial"
+    uses_planner = True
+
+    def configure(self, round: int) -> list[Assignment]:
+        steps = self.cfg.train.local_steps
+        mu = self.cfg.strategy.mu
+        return [Assignment(self.full(), self.planner.steps_within(w, steps), mu=mu) for w in range(self.num_workers)]
+
+
+class HeteroFL(Strategy):
+    name = "heterofl"
+    uses_planner = True
+    mask_policy = "ordered"
+
+    def __init__(self, cfg: Config, spec: ModelSpec, num_workers: int):
+        super().__init__(cfg, spec, num_workers)
+        self.widths: list[float] | None = None
+
+    def configure(self, round: int) -> list[Assignment]:
+        if self.widths is None:  # fixed once, from the profiles
+            fixed = self.cfg.strategy.keep_ratios
+            self.widths = list(fixed) if fixed else self.planner.plan_uniform()
+        steps = self.cfg.train.local_steps
+        return [Assignment(self.uniform(r), steps) for r in self.widths]
+
+    def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:
+        return None  # static widths
+
+
+class FedRolex(HeteroFL):
+    name = "fedrolex"
+    mask_policy = "rolling"
+
+
+class Elfish(Strategy):
+    name = "elfish"
 
     @property
     def mask_policy(self) -> str:
@@ -36,51 +144,22 @@ class Strategy:
         return self.cfg.strategy.aggregation
 
     @property
-    def needs_planner(self) -> bool:
-        return False
-
-    def full(self) -> dict[str, float]:
-        return {name: 1.0 for name in self.spec.maskable}
-
-    def configure(self, round: int) -> list[dict[str, float]]:
-        raise NotImplementedError
-
-    def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:
-        if self.planner is not None:
-            self.planner.observe(worker, ratios, measured_step)
-
-
-class FedAvg(Strategy):
-    name = "fedavg"
-
-    @property
-    def mask_policy(self) -> str:
-        return "ordered"
-
-    @property
-    def aggregation(self) -> str:
-        return "balanced"
-
-    def configure(self, round: int) -> list[dict[str, float]]:
-        return [self.full() for _ in range(self.num_workers)]
-
-
-class Elfish(Strategy):
-    name = "elfish"
+    def balance(self) -> float:
+        return self.cfg.strategy.balance
 
     @property
     def needs_planner(self) -> bool:
         return not self.cfg.strategy.keep_ratios
 
-    def configure(self, round: int) -> list[dict[str, float]]:
+    def configure(self, round: int) -> list[Assignment]:
+        steps = self.cfg.train.local_steps
         fixed = self.cfg.strategy.keep_ratios
         if fixed:
-            return [{name: r for name in self.spec.maskable} for r in fixed]
-        assert self.planner is not None, "elfish without fixed keep ratios needs a planner"
-        return self.planner.plan()
+            return [Assignment(self.uniform(r), steps) for r in fixed]
+        return [Assignment(r, steps) for r in self.planner.plan()]
 
 
-STRATEGIES = {"fedavg": FedAvg, "elfish": Elfish}
+STRATEGIES = {cls.name: cls for cls in (FedAvg, FedAvgDrop, FedProxPartial, HeteroFL, FedRolex, Elfish)}
 
 
 def make_strategy(cfg: Config, spec: ModelSpec, num_workers: int) -> Strategy:

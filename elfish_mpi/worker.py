@@ -1,6 +1,7 @@
 """Ranks >= 1: profile once, then each round receive (plan, model), train, send (update, timings)."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from . import data as datamod
-from . import profiling
+from . import profiling, signals
 from .comm import Comm
 from .config import Config
 from .masking import keep_ratio, make_masks
@@ -28,6 +29,9 @@ STATS = (
     "cursor",  # samples consumed since the start of the run (data order position)
     "weight",  # aggregation weight num_samples * keep_ratio ** balance
     "bytes_sent",  # payload bytes of this update
+    "late",  # 1: stopped at the round's time limit (the update is dropped)
+    "finite",  # 1: every value of the update is finite
+    "signal",  # 1: this rank received a stop signal (SIGTERM / SIGUSR1)
 )
 _DATA_STREAM = 0x64617461
 
@@ -58,9 +62,22 @@ class Sampler:
         return np.concatenate(out)
 
 
-def train_step(model, opt, x, y) -> float:
+def parse_fault(text: str) -> set[tuple[int, int]]:
+    """``"RANK:ROUND[,RANK:ROUND...]"`` -> {(rank, round)}: where a test injects a NaN update."""
+    out = set()
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        rank, rnd = item.split(":")
+        out.add((int(rank), int(rnd)))
+    return out
+
+
+def train_step(model, opt, x, y, anchor=None, mu: float = 0.0) -> float:
+    """One SGD step; with ``anchor`` (the round's starting parameters) and ``mu`` > 0 the
+    loss carries FedProx's proximal term mu/2 * ||w - anchor||^2."""
     opt.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
+    if anchor is not None and mu > 0:
+        loss = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
     loss.backward()
     opt.step()
     return float(loss.detach())
@@ -83,6 +100,8 @@ class Worker:
         cursor = int((setup.get("cursors") or [0] * num_workers)[self.index])
         self.sampler = Sampler(len(self.y), cfg.train.batch_size, cfg.run.seed, self.index, cursor)
         self.flat = np.empty(num_params(spec), dtype=np.float32)
+        self.inject_nan = parse_fault(os.environ.get("ELFISH_FAULT_NAN", ""))
+        self.throttle.attach(worker=self.index, num_workers=num_workers, job_id=setup["job_id"], capacities=caps)
 
     # -- profiling -------------------------------------------------------------
     def profile(self) -> np.ndarray:
@@ -115,56 +134,74 @@ class Worker:
         return np.concatenate([times, macs, mem])
 
     # -- one round ----------------------------------------------------------------
-    def train_round(self, kept: dict) -> tuple[np.ndarray, np.ndarray]:
+    def train_round(self, rnd: int, kept: dict, a: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Train the sub-network of ``kept`` under assignment ``a`` (steps, time_limit, mu, balance)."""
         t_start = time.perf_counter()
         model, idx = build_submodel(self.spec, kept, self.flat)
         start = self.flat[idx]
         opt = torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr, momentum=self.cfg.train.momentum)
+        anchor = [p.detach().clone() for p in model.parameters()] if a["mu"] > 0 else None
         reported = virtual = loss_sum = 0.0
-        steps = self.cfg.train.local_steps
-        for _ in range(steps):
+        steps, late = 0, False
+        for _ in range(a["steps"]):
+            if a["time_limit"] and reported >= a["time_limit"]:
+                late = True  # out of time: stop here; the update is dropped
+                break
             b = self.sampler.next()
-            loss, t = self.throttle.run(train_step, model, opt, self.x[b], self.y[b])
+            loss, t = self.throttle.run(train_step, model, opt, self.x[b], self.y[b], anchor, a["mu"])
             reported += t.reported
             virtual += t.virtual
             loss_sum += loss
+            steps += 1
+        late = late or bool(a["time_limit"] and reported > a["time_limit"])
         delta = flat_params(model) - start
-        weight = worker_weight(len(self.y), keep_ratio(self.spec, kept), self.cfg.strategy.balance)
-        if not np.all(np.isfinite(delta)):
-            raise FloatingPointError(f"non-finite update (loss {loss_sum / steps:g}); lower train.lr")
+        if (self.index + 1, rnd) in self.inject_nan:
+            delta[::7] = np.nan  # fault injection for tests (ELFISH_FAULT_NAN)
+        finite = bool(np.all(np.isfinite(delta)))
+        weight = worker_weight(len(self.y), keep_ratio(self.spec, kept), a["balance"])
         stats = {
-            "step_time": reported / steps,
+            "step_time": reported / max(steps, 1),
             "virtual_time": virtual,
             "num_samples": len(self.y),
-            "train_loss": loss_sum / steps,
+            "train_loss": loss_sum / max(steps, 1),
             "steps": steps,
             "cursor": self.sampler.cursor,
             "weight": weight,
+            "late": float(late),
+            "finite": float(finite),
+            "signal": float(signals.requested() is not None),
         }
         if self.cfg.strategy.transport == "gather":
             payload = delta
-            stats["bytes_sent"] = payload.nbytes
-        else:
+        else:  # dense weighted sums; a dropped or non-finite update adds nothing
             payload = np.zeros((2, self.flat.size), dtype=np.float64)
-            payload[0, idx] = weight * delta.astype(np.float64)
-            payload[1, idx] = weight
-            stats["bytes_sent"] = payload.nbytes
+            if finite and not late:
+                payload[0, idx] = weight * delta.astype(np.float64)
+                payload[1, idx] = weight
+        stats["bytes_sent"] = payload.nbytes
         stats["busy_time"] = time.perf_counter() - t_start
         return np.array([stats[k] for k in STATS], dtype=np.float64), payload
 
     def run(self, do_profile: bool) -> None:
-        if do_profile:
-            self.comm.barrier()  # every worker starts timing at once, under the same load
-            self.comm.gather_rows(self.profile())
-        while True:
-            plan = self.comm.bcast_obj(None)
-            if plan["stop"]:
-                return
-            self.comm.bcast_array(self.flat)
-            kept = plan["masks"][self.index]
-            stats, payload = self.train_round(kept)
-            if self.cfg.strategy.transport == "gather":
-                self.comm.send_update(stats, payload)
-            else:
-                self.comm.send_stats(stats)
-                self.comm.reduce_sum(payload, self.cfg.run.round_timeout)
+        try:
+            if do_profile:
+                self.comm.barrier()  # every worker starts timing at once, under the same load
+                self.comm.gather_rows(self.profile())
+            while True:
+                plan = self.comm.bcast_obj(None)
+                if plan["stop"]:
+                    return
+                self.comm.bcast_array(self.flat)
+                cap = plan["capacity"][self.index]
+                if cap != self.throttle.capacity:
+                    self.throttle.set_capacity(cap)
+                assignment = {k: plan[k][self.index] for k in ("steps", "time_limit", "mu")}
+                assignment["balance"] = plan["balance"]
+                stats, payload = self.train_round(plan["round"], plan["masks"][self.index], assignment)
+                if self.cfg.strategy.transport == "gather":
+                    self.comm.send_update(stats, payload)
+                else:
+                    self.comm.send_stats(stats)
+                    self.comm.reduce_sum(payload, self.cfg.run.round_timeout)
+        finally:
+            self.throttle.detach()

@@ -49,8 +49,8 @@ def test_run_writes_the_documented_checkpoint():
     if WORLD.rank != 0:
         return
     with h5py.File(out / "checkpoint.h5", "r") as f:
-        assert f.attrs["format"] == "elfish-mpi" and int(f.attrs["round"]) == 3
-        assert f.attrs["strategy"] == "elfish"
+        assert f.attrs["format"].decode() == "elfish-mpi" and int(f.attrs["round"]) == 3
+        assert f.attrs["strategy"].decode() == "elfish"
         for name in ("round", "round_time", "virtual_time", "test_accuracy", "test_loss"):
             assert f["metrics"][name].shape == (3,), name
         for name in ("keep_ratio", "busy_time", "idle_time", "virtual_time", "num_samples"):

@@ -297,11 +297,6 @@ def test_section_that_is_not_a_table_raises():
     assert "[run]" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_config applies --set with raw.setdefault(section, {})[key] = value before validating, "
-    "so a file whose section is a scalar (run = 5) plus --set run.rounds=3 raises TypeError, not ConfigError",
-)
 def test_override_into_a_section_that_is_not_a_table_raises_config_error(tmp_path):
     # Prepare
     path = _write(tmp_path, "run = 5\n")

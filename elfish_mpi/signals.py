@@ -1,0 +1,27 @@
+"""Preemption: SIGTERM / SIGUSR1 ask the job to checkpoint and stop at the end of the round.
+
+SLURM sends SIGTERM to every task when it preempts or requeues a job (and SIGKILL after
+``KillWait``), and ``#SBATCH --signal=B:USR1@T`` warns the batch script T seconds before the
+time limit. Every rank records the request; rank 0 ends the run after the current round,
+with a checkpoint, and every rank exits with :data:`EXIT_PREEMPTED`.
+"""
+from __future__ import annotations
+
+import signal
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; resume to continue
+_received: list[int] = []
+
+
+def _handler(signum, frame) -> None:
+    _received.append(signum)
+
+
+def install() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _handler)
+
+
+def requested() -> str | None:
+    """The name of the first stop signal received, or None."""
+    return signal.Signals(_received[0]).name if _received else None
