@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the metrics as JSON")
     v = sub.add_parser("validate", help="verify a checkpoint (layout and checksums) without running")
     v.add_argument("checkpoint")
+    for name, text in (
+        ("bench", "run strategies side by side and write tables and plots (elfish-mpi bench --help)"),
+        ("calibrate", "measure each worker's achieved speed under a throttle (under mpiexec)"),
+        ("perf", "micro-benchmarks: soft-training speed, update transports"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)
     c = sub.add_parser("config", help="print the resolved config as JSON (or every key with --keys)")
     c.add_argument("--config")
     c.add_argument("--set", action="append", default=[])
@@ -268,6 +274,10 @@ def show_config(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("bench", "calibrate", "perf"):  # commands with parsers of their own
+        import importlib
+
+        return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,0 +1,155 @@
+"""Micro-benchmarks behind docs/benchmarks.md: ``elfish-mpi perf soft-training|transport``.
+
+- ``soft-training``: seconds per training step of the physically smaller sub-network at
+  keep ratio r (every maskable layer at r), against the multiply-accumulate count's
+  prediction, per model. Single process; real images.
+- ``transport`` (under MPI): the time rank 0 needs to receive the round's updates by each
+  transport: ``gather`` (every worker sends its kept values; rank 0 scatters them) and
+  ``reduce`` (an MPI sum of dense weighted updates and coverage), at given keep ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _real_batch(model: str, data_path: str, batch: int):
+    import torch
+
+    from . import data as datamod
+
+    name = "fashion-mnist" if model == "lenet" else "cifar10"
+    split = datamod.load_test_data(name, datamod.resolve_path(name, data_path), max_samples=max(batch, 256))
+    x = torch.from_numpy(datamod.normalize(split.images))
+    y = torch.from_numpy(split.labels.astype(np.int64))
+    return x, y, split.num_classes, tuple(split.images.shape[1:])
+
+
+def soft_training(args) -> int:
+    import torch
+
+    from .masking import compute_ratio, make_masks
+    from .models import MaskableCNN, get_spec
+    from .submodel import build_submodel, flat_params
+    from .worker import train_step
+
+    torch.set_num_threads(args.threads)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    print(f"soft-training step time, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats, "
+          f"{args.threads} thread(s); median of repeats\n")
+    print("| model | keep ratio | MACs share | ms / step | measured speed-up | predicted speed-up (MACs) |")
+    print("|---|---|---|---|---|---|")
+    for model in args.models.split(","):
+        data_path = args.fashion_path if model == "lenet" else args.cifar_path
+        x, y, classes, shape = _real_batch(model, data_path, args.batch_size)
+        spec = get_spec(model, classes, shape)
+        torch.manual_seed(0)
+        full = flat_params(MaskableCNN(spec))
+        nets = {}
+        for r in ratios:
+            kept = make_masks(spec, {n: r for n in spec.maskable}, "random", seed=0, round=1, worker=0)
+            net, _ = build_submodel(spec, kept, full)
+            nets[r] = (net, torch.optim.SGD(net.parameters(), lr=0.01), compute_ratio(spec, kept))
+        times = {r: [] for r in ratios}
+        n = len(y)
+        for rep in range(args.repeats):  # interleave ratios so that machine noise hits all alike
+            for r in ratios:
+                net, opt, _ = nets[r]
+                train_step(net, opt, x[: args.batch_size], y[: args.batch_size])  # warm-up
+                t0 = time.perf_counter()
+                for s in range(args.steps):
+                    i = (s * args.batch_size) % max(n - args.batch_size, 1)
+                    train_step(net, opt, x[i : i + args.batch_size], y[i : i + args.batch_size])
+                times[r].append((time.perf_counter() - t0) / args.steps)
+        base = statistics.median(times[ratios[0]])
+        base_macs = nets[ratios[0]][2]
+        for r in ratios:
+            t = statistics.median(times[r])
+            share = nets[r][2]
+            print(f"| {model} | {r:.2f} | {share:.3f} | {1e3 * t:.2f} | {base / t:.2f}x | {base_macs / share:.2f}x |")
+    return 0
+
+
+def transport(args) -> int:
+    from .comm import Comm
+    from .masking import make_masks
+    from .models import get_spec
+    from .submodel import num_params, param_index
+
+    comm = Comm()
+    workers = comm.size - 1
+    if workers < 1:
+        print("elfish-mpi perf transport: run it under mpiexec with at least 2 ranks", file=sys.stderr)
+        return 2
+    shape = (1, 28, 28) if args.model == "lenet" else (3, 32, 32)
+    spec = get_spec(args.model, 10, shape)
+    keep = [float(r) for r in args.keep.split(",")] if args.keep else [1.0] * workers
+    keep = [keep[i % len(keep)] for i in range(workers)]
+    masks = [make_masks(spec, {n: keep[w] for n in spec.maskable}, "random", seed=0, round=1, worker=w) for w in range(workers)]
+    idxs = [param_index(spec, m) for m in masks]
+    size = num_params(spec)
+    rng = np.random.default_rng(comm.rank)
+    results = {}
+    for mode in ("gather", "reduce"):
+        samples = []
+        for rep in range(args.repeats + 1):
+            comm.barrier()
+            t0 = time.perf_counter()
+            if comm.rank == 0:
+                if mode == "gather":
+                    _, values = comm.recv_updates([len(i) for i in idxs], 2, 600)
+                    num = np.zeros(size)
+                    den = np.zeros(size)
+                    for i, v in zip(idxs, values):
+                        num[i] += v
+                        den[i] += 1.0
+                else:
+                    comm.recv_stats(workers, 2, 600)
+                    comm.reduce_sum(np.zeros((2, size)), 600)
+            else:
+                idx = idxs[comm.rank - 1]
+                delta = rng.standard_normal(len(idx)).astype(np.float32)
+                if mode == "gather":
+                    comm.send_update(np.ones(2), delta)
+                else:
+                    dense = np.zeros((2, size))
+                    dense[0, idx] = delta
+                    dense[1, idx] = 1.0
+                    comm.send_stats(np.ones(2))
+                    comm.reduce_sum(dense, 600)
+            comm.barrier()
+            if rep:  # the first repetition warms up
+                samples.append(time.perf_counter() - t0)
+        results[mode] = statistics.median(samples)
+    if comm.rank == 0:
+        sent = {"gather": 4 * sum(len(i) for i in idxs), "reduce": 16 * size * workers}
+        print(f"transport, {args.model} ({size} parameters), {workers} workers, keep {keep}, median of {args.repeats}\n")
+        print("| transport | ms per round | bytes sent by workers per round |")
+        print("|---|---|---|")
+        for mode in ("gather", "reduce"):
+            print(f"| {mode} | {1e3 * results[mode]:.2f} | {sent[mode]:,} |")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="elfish-mpi perf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("soft-training", help="step time of sub-networks at keep ratios r")
+    s.add_argument("--models", default="lenet,alexnet")
+    s.add_argument("--ratios", default="1,0.75,0.5,0.25")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--repeats", type=int, default=7)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--fashion-path", default="", help="Fashion-MNIST location (default: the standard places)")
+    s.add_argument("--cifar-path", default="", help="CIFAR-10 location (default: the standard places)")
+    t = sub.add_parser("transport", help="gather vs reduce of the round's updates (run under mpiexec)")
+    t.add_argument("--model", default="lenet", choices=("lenet", "alexnet"))
+    t.add_argument("--keep", default="", help="keep ratio per worker, comma separated (cycled)")
+    t.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args(argv)
+    return soft_training(args) if args.what == "soft-training" else transport(args)
