@@ -9,6 +9,12 @@
 #   ELFISH_EXTRAS  pip extras (default: test,mpich; use "test" on a cluster with its own MPI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# pip, quietly: its output only when it fails (this machine's pip config adds noise)
+pipq() {
+    local log; log=$(mktemp)
+    if ! "$@" >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; return 1; fi
+    rm -f "$log"
+}
 VENV=${ELFISH_VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 EXTRAS=${ELFISH_EXTRAS:-test,mpich}
@@ -30,10 +36,10 @@ if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ]; then
     exit 0
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+pipq "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if [ -n "$TORCH_SPEC" ]; then
-    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+    pipq "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 fi
-"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+pipq "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
 touch "$stamp"
 echo "setup: environment ready in $VENV"
