@@ -107,3 +107,46 @@ def test_same_seed_same_model_and_resume_is_exact():
     for key in a:
         assert np.array_equal(a[key], b[key]), f"two runs differ in {key}"
         assert np.array_equal(a[key], c[key]), f"resumed run differs in {key}"
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavg-drop", "fedprox-partial", "heterofl", "fedrolex", "elfish", "elfish-naive"])
+def test_every_strategy_runs_on_the_same_path(strategy):
+    # Prepare: the last worker is 4x slow on the virtual clock, so the planners thin it.
+    out = shared_dir() / strategy
+    name, _, naive = strategy.partition("-naive")
+    caps = [1.0] * (WORKERS - 1) + [0.25]
+    extra = ["--set", f"strategy.name={name}", "--set", f"workers.capacity={caps}", "--set", "workers.throttle=virtual",
+             "--set", "strategy.keep_ratios=[]", "--set", "train.local_steps=4"]
+    if naive:
+        extra += ["--set", "strategy.aggregation=naive"]
+    # Execute
+    rc = train(out, *extra, rounds=3)
+    # Assert
+    assert rc == 0
+    if WORLD.rank != 0:
+        return
+    slow = f"worker_{WORKERS - 1:02d}"
+    with h5py.File(out / "checkpoint.h5", "r") as f:
+        assert int(f.attrs["round"]) == 3 and f.attrs["strategy"].decode() == name
+        masks = [f[f"masks/round_{r:06d}/{slow}/conv2"][()] for r in (1, 2, 3)]
+        keep = f["workers/keep_ratio"][()]
+        assert np.all(np.isfinite(f["model/fc1.weight"][()]))
+        if name in ("fedavg", "fedavg-drop", "fedprox-partial"):
+            assert np.all(keep == 1.0)
+        if name == "fedavg-drop":
+            assert f["workers/dropped"][()][:, -1].sum() >= 1  # the 4x straggler misses the deadline
+            assert f["workers/dropped"][()][:, 0].sum() == 0
+        if name == "fedprox-partial":
+            steps = f["workers/steps"][()]
+            assert np.all(steps[:, -1] < steps[:, 0])
+        if name == "heterofl":
+            assert keep[0, -1] < 1.0
+            for m in masks:
+                np.testing.assert_array_equal(m, np.arange(m.size))  # a static prefix
+            assert masks[0].size == masks[1].size == masks[2].size
+        if name == "fedrolex":
+            assert keep[0, -1] < 1.0
+            assert all(np.array_equal(masks[i + 1], np.sort((masks[i] + 1) % 50)) for i in range(2))
+        if name == "elfish":
+            assert np.all(keep[:, -1] < 1.0)
+            assert all(not np.array_equal(masks[i], masks[i + 1]) for i in range(2) if masks[i].size == masks[i + 1].size)
