@@ -513,9 +513,18 @@ RESULT_COLUMNS = [
 ]
 
 
-def result_row(r: RunResult, target: float, budget: float | None) -> dict:
+def clock_of(r: RunResult, clock: str) -> np.ndarray:
+    """Cumulative time at the end of each round: wall (metrics/wall_clock) or virtual
+    (the cumulative sum of metrics/virtual_time, each round's slowest worker)."""
+    if clock == "virtual":
+        return np.cumsum(np.asarray(r.metrics["virtual_time"], dtype=float))
+    return np.asarray(r.metrics["wall_clock"], dtype=float)
+
+
+def result_row(r: RunResult, target: float, budget: float | None, clock: str = "wall") -> dict:
     m, w = r.metrics, r.workers
     acc = np.asarray(m["test_accuracy"], dtype=float)
+    t = clock_of(r, clock)
     return {
         "fleet": r.fleet,
         "partition": r.partition,
@@ -525,20 +534,21 @@ def result_row(r: RunResult, target: float, budget: float | None) -> dict:
         "final_accuracy": final_accuracy(acc),
         "best_accuracy": float(np.nanmax(acc)) if np.isfinite(acc).any() else math.nan,
         "target_accuracy": target,
-        "time_to_target": time_to_target(acc, m["wall_clock"], target),
+        "time_to_target": time_to_target(acc, t, target),
         "median_round_time": float(np.median(m["round_time"])),
         "median_virtual_round_time": float(np.median(m["virtual_time"])),
         "idle_share": idle_share(w["idle_time"], m["round_time"]),
         "bytes_per_round": float(np.mean(np.asarray(w["bytes_sent"], dtype=float).sum(axis=1))),
-        "accuracy_at_budget": accuracy_at_budget(acc, m["wall_clock"], budget),
+        "accuracy_at_budget": accuracy_at_budget(acc, t, budget),
         "wall_clock": float(m["wall_clock"][-1]),
         "run_dir": r.run_dir,
     }
 
 
-def result_rows(results: list[RunResult], target_accuracy: float | None = None, budget: float | None = None) -> list[dict]:
+def result_rows(results: list[RunResult], target_accuracy: float | None = None, budget: float | None = None,
+                clock: str = "wall") -> list[dict]:
     targets = targets_for(results, target_accuracy)
-    return [result_row(r, targets[(r.fleet, r.partition, r.seed)], budget) for r in results]
+    return [result_row(r, targets[(r.fleet, r.partition, r.seed)], budget, clock) for r in results]
 
 
 def _mean(values) -> float:
@@ -632,7 +642,8 @@ def _mb(x: float) -> str:
     return f"{x / 1e6:.2f}" if math.isfinite(x) else "–"
 
 
-def summary_markdown(summary: list[dict], header: dict, *, budget: float | None, failures: list[str] = (), plots: dict | None = None) -> str:
+def summary_markdown(summary: list[dict], header: dict, *, budget: float | None, failures: list[str] = (), plots: dict | None = None,
+                     clock: str = "wall") -> str:
     """The Markdown report: a header (command, date, host), then one table per fleet/partition."""
     lines = ["# elfish-mpi bench", ""]
     for key, value in header.items():
@@ -640,7 +651,7 @@ def summary_markdown(summary: list[dict], header: dict, *, budget: float | None,
     lines.append("")
     lines += [
         "Final accuracy: test accuracy after the last round (mean ± sample std over seeds). "
-        "Time to target: wall-clock seconds of training until the test accuracy first reached the target "
+        f"Time to target ({clock} clock): {'wall-clock' if clock == 'wall' else 'cumulative virtual'} seconds of training until the test accuracy first reached the target "
         "(mean over the seeds that reached it; reached/seeds in brackets). Round times: median over rounds, "
         "mean over seeds; virtual: the slowest worker's CPU time / capacity. Speedup: FedAvg's median round "
         "time / the strategy's. Idle share: worker time spent waiting for the round to end. MB/round: "
@@ -653,7 +664,7 @@ def summary_markdown(summary: list[dict], header: dict, *, budget: float | None,
         cols = ["strategy", "seeds", "final accuracy", "time to target", "median round", "speedup",
                 "median virtual round", "virtual speedup", "idle share", "MB/round"]
         if budget is not None:
-            cols.append(f"accuracy at {budget:g} s")
+            cols.append(f"accuracy at {budget:g} s ({clock})")
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|")
         for s in summary:
@@ -898,7 +909,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value in every run (repeatable)")
     p.add_argument("--target-accuracy", type=float, help="accuracy (0..1) for time-to-target; default: FedAvg's final accuracy of the same fleet, partition and seed")
     p.add_argument("--launcher", default="mpiexec", help="MPI launcher command, given -n NP (default: mpiexec, looked up next to python first)")
-    p.add_argument("--time-budget", type=float, help="wall seconds: also report the accuracy reached within this budget")
+    p.add_argument("--time-budget", type=float, help="seconds (of --clock): also report the accuracy reached within this budget")
+    p.add_argument("--clock", choices=("wall", "virtual"), default="wall",
+                   help="time axis of time-to-target and --time-budget: wall clock, or cumulative virtual time "
+                        "(each round's slowest worker's CPU time / capacity; robust on a shared machine)")
     p.add_argument("--timeline-rounds", type=int, default=5, help="rounds shown in timeline.png (default: 5)")
     p.add_argument("--run-timeout", type=float, default=3600.0, help="seconds one run may take before it is killed (default: 3600)")
     return p
@@ -987,7 +1001,7 @@ def main(argv: list[str]) -> int:
             failures.append(f"{run.label}: cannot read its checkpoint: {exc}")
     if results:
         write_reports(results, out, argv=argv, np_=args.np, runs=runs, strategies=strategies,
-                      target_accuracy=args.target_accuracy, budget=args.time_budget,
+                      target_accuracy=args.target_accuracy, budget=args.time_budget, clock=args.clock,
                       timeline_rounds=args.timeline_rounds, failures=failures)
         progress.message(f"bench: wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'summary.csv'} and the plots")
     if failures:
@@ -998,8 +1012,8 @@ def main(argv: list[str]) -> int:
 
 def write_reports(results: list[RunResult], out: Path, *, argv: list[str], np_: int, runs: list[RunSpec],
                   strategies: list[str], target_accuracy: float | None, budget: float | None,
-                  timeline_rounds: int, failures: list[str]) -> None:
-    rows = result_rows(results, target_accuracy, budget)
+                  timeline_rounds: int, failures: list[str], clock: str = "wall") -> None:
+    rows = result_rows(results, target_accuracy, budget, clock)
     write_text_atomic(out / "results.csv", to_csv(rows, RESULT_COLUMNS))
     summary = summarize(rows, strategies)
     write_text_atomic(out / "summary.csv", to_csv(summary, SUMMARY_COLUMNS))
@@ -1016,5 +1030,6 @@ def write_reports(results: list[RunResult], out: Path, *, argv: list[str], np_: 
             timeline_rounds=timeline_rounds, colors=colors, target=target,
             target_label="target" if target_accuracy is not None else "target (FedAvg's final accuracy)",
         )
-    md = summary_markdown(summary, _header(argv, np_, runs, target_accuracy), budget=budget, failures=failures, plots=plots)
+    md = summary_markdown(summary, _header(argv, np_, runs, target_accuracy), budget=budget, failures=failures, plots=plots,
+                          clock=clock)
     write_text_atomic(out / "summary.md", md)
