@@ -1,0 +1,318 @@
+"""launch/slurm/elfish.sbatch on a real one-node SLURM cluster (tests/slurm/cluster.sh).
+
+Checks that srun --mpi=pmi2 starts one MPI world with the MPICH wheel, that sweep.sbatch
+maps array tasks to (strategy, seed), and preempts a running job twice over: `scontrol requeue` (SLURM sends SIGTERM to the tasks and
+requeues the job itself) and `scancel --batch --signal=USR1` (the time-limit warning: the
+batch script forwards it, the run checkpoints and the script requeues its own job). Each
+time the job must restart, resume from its checkpoint and finish with a model bitwise
+identical to an uninterrupted run of the same config.
+
+Runs as root with Debian's slurm-wlm and munge (tests/slurm/cluster.sh installs them with
+apt-get when missing). Skipped unless ELFISH_SLURM_TESTS=1, or the daemons are installed
+and we are root; ELFISH_SLURM_TESTS=0 always skips. Run it on its own, not under mpiexec:
+
+    python -m pytest -v tests/slurm
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+SBATCH = ROOT / "launch" / "slurm" / "elfish.sbatch"
+SWEEP = ROOT / "launch" / "slurm" / "sweep.sbatch"
+SAMPLE = ROOT / "tests" / "data" / "fashion-mnist"
+RANKS = 3  # rank 0 aggregates, two workers
+ROUNDS = 12
+# Slow enough that the job is still running when it is preempted after round 2, on a
+# loaded 2-core machine and on a fast one; ELFISH_SLURM_TEST_STEPS overrides.
+LOCAL_STEPS = int(os.environ.get("ELFISH_SLURM_TEST_STEPS", "40"))
+DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
+
+
+def _installed(name: str) -> bool:
+    return shutil.which(name) is not None or os.access(f"/usr/sbin/{name}", os.X_OK)
+
+
+def _skip_reason() -> str | None:
+    flag = os.environ.get("ELFISH_SLURM_TESTS", "")
+    if flag == "0":
+        return "ELFISH_SLURM_TESTS=0"
+    if flag == "1":
+        return None
+    if os.geteuid() != 0:
+        return "the SLURM tests boot slurmctld/slurmd/munged as root: run as root, or set ELFISH_SLURM_TESTS=1"
+    missing = [d for d in DAEMONS if not _installed(d)]
+    if missing:
+        return (f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge, "
+                f"or set ELFISH_SLURM_TESTS=1 to let tests/slurm/cluster.sh install it")
+    return None
+
+
+_REASON = _skip_reason()
+pytestmark = [pytest.mark.skipif(_REASON is not None, reason=_REASON or ""), pytest.mark.timeout(900)]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"({path}: {exc})"
+
+
+class Cluster:
+    def __init__(self, path: Path):
+        self.path = path
+        self.env = dict(os.environ, SLURM_CONF=str(path / "slurm.conf"))
+        for key in list(self.env):  # never inherit an enclosing job's or mpiexec's identity
+            if key.startswith(("SLURM_", "PMI_", "PMIX_", "HYDRA_", "OMPI_")) and key != "SLURM_CONF":
+                del self.env[key]
+
+    def run(self, *cmd: str, timeout: float = 30, check: bool = True, cwd: Path | None = None) -> str:
+        p = subprocess.run(cmd, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited with {p.returncode}:\n{p.stdout}\n{p.stderr}")
+        return p.stdout
+
+    def job(self, jobid: str) -> dict:
+        out = self.run("scontrol", "show", "job", "-o", jobid, check=False)
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{_tail(self.path / name, 25)}" for name in ("slurmctld.log", "slurmd.log"))
+
+
+def wait_for(what: str, predicate, timeout: float, poll: float = 0.5, diagnose=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{diagnose()}")
+        time.sleep(poll)
+
+
+def latest_round(run: Path) -> int:
+    rounds = [int(m.group(1)) for p in (run / "checkpoints").glob("round-*.h5")
+              if (m := re.fullmatch(r"round-(\d+)\.h5", p.name))]
+    return max(rounds, default=0)
+
+
+def final_model(path: Path) -> tuple[int, dict]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return int(f.attrs["round"]), {k: f["model"][k][()] for k in f["model"]}
+
+
+def write_config(path: Path) -> Path:
+    path.write_text(f"""\
+# tests/slurm: a small deterministic run (fixed keep ratios)
+[run]
+rounds = {ROUNDS}
+seed = 3
+[data]
+name = "fashion-mnist"
+path = "{SAMPLE}"
+test_samples = 200
+max_samples = 300
+[train]
+local_steps = {LOCAL_STEPS}
+batch_size = 16
+[workers]
+throttle = "none"
+[strategy]
+name = "elfish"
+keep_ratios = [1.0, 0.5]
+[checkpoint]
+every = 1
+keep = 0
+""")
+    return path
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    path = tmp_path_factory.mktemp("slurm")
+    t0 = time.monotonic()
+    p = subprocess.run(["bash", str(CLUSTER), "up", str(path)], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        subprocess.run(["bash", str(CLUSTER), "down", str(path)], capture_output=True, timeout=120)
+        raise AssertionError(f"cluster.sh up failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    print(f"\nSLURM test cluster up in {time.monotonic() - t0:.1f} s: {path}", file=sys.stderr)
+    try:
+        yield Cluster(path)
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "down", str(path)], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("config") / "small.toml")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, config):
+    """The same config run without interruption, under plain mpiexec."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "PMIX_", "HYDRA_"))}
+    p = subprocess.run(
+        ["mpiexec", "-n", str(RANKS), sys.executable, "-m", "elfish_mpi", "train", "--config", str(config), "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert p.returncode == 0, f"reference run failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    rnd, model = final_model(out / "checkpoint.h5")
+    assert rnd == ROUNDS
+    return model
+
+
+# ------------------------------------------------------------------------------- tests
+def test_srun_pmi2_starts_one_mpi_world(cluster):
+    """srun --mpi=pmi2 with the MPICH wheel: one world of RANKS processes, not RANKS singletons."""
+    code = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
+            "print('rank', c.rank, 'size', c.size, 'sum', c.allreduce(c.rank), flush=True)")
+    out = cluster.run("srun", "--mpi=pmi2", "-n", str(RANKS), sys.executable, "-c", code, timeout=120)
+    lines = sorted(line for line in out.splitlines() if line.startswith("rank"))
+    expect_sum = RANKS * (RANKS - 1) // 2
+    assert lines == [f"rank {r} size {RANKS} sum {expect_sum}" for r in range(RANKS)], out
+
+
+def submit(cluster: Cluster, workdir: Path, config: Path, run: Path) -> str:
+    out = cluster.run(
+        "sbatch", "--parsable", f"--ntasks={RANKS}",
+        f"--export=ALL,ELFISH_CONFIG={config},ELFISH_OUT={run}",
+        str(SBATCH), cwd=workdir,
+    )
+    return out.strip().split(";")[0]
+
+
+def preempt_and_finish(cluster: Cluster, tmp_path: Path, config: Path, preempt) -> tuple[str, Path, dict]:
+    """Submit, let round 2 be checkpointed, preempt(jobid), wait for the restart and the end."""
+    run = tmp_path / "run"
+    jobid = submit(cluster, tmp_path, config, run)
+    output = tmp_path / f"elfish-{jobid}.out"  # the template's --output=elfish-%j.out, in the submit dir
+
+    def diagnose():
+        return f"job: {cluster.job(jobid)}\n--- {output.name}\n{_tail(output, 60)}\n{cluster.logs()}"
+
+    def job_state():
+        return cluster.job(jobid).get("JobState", "?")
+
+    def check_alive():
+        state = job_state()
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
+            raise AssertionError(f"job {jobid} ended {state}\n{diagnose()}")
+        return state
+
+    wait_for("round 2's checkpoint", lambda: check_alive() and latest_round(run) >= 2, 300, 0.2, diagnose)
+    state, done = job_state(), latest_round(run)
+    assert state == "RUNNING" and done < ROUNDS, (
+        f"the job is {state} at round {done}: too fast to preempt (raise ELFISH_SLURM_TEST_STEPS)\n{diagnose()}"
+    )
+    t_preempt = time.monotonic()
+    preempt(jobid)
+    wait_for("the job to be requeued", lambda: int(cluster.job(jobid).get("Restarts", "0")) >= 1, 120, 0.5, diagnose)
+    wait_for("the job to complete", lambda: check_alive() == "COMPLETED", 600, 1.0, diagnose)
+    info = cluster.job(jobid)
+    print(f"\njob {jobid}: preempted at round {done}; restarted and completed {time.monotonic() - t_preempt:.0f} s later",
+          file=sys.stderr)
+    assert info.get("ExitCode") == "0:0", diagnose()
+    return jobid, run, info
+
+
+def check_resumed(output: Path, run: Path, reference: dict, stop_note: str):
+    text = output.read_text(errors="replace")
+    assert stop_note in text, text  # the run stopped at a round's end with a checkpoint ...
+    assert re.search(r"elfish-mpi: resuming from \S+ \(round (\d+)\)", text), text  # ... and resumed from it
+    assert f"round   {ROUNDS}/{ROUNDS}" in text and "round    1/" in text, text  # one appended output file
+    rnd, model = final_model(run / "checkpoint.h5")
+    assert rnd == ROUNDS
+    assert sorted(model) == sorted(reference)
+    for name in reference:
+        assert model[name].dtype == reference[name].dtype and model[name].tobytes() == reference[name].tobytes(), name
+    p = subprocess.run([sys.executable, "-m", "elfish_mpi", "validate", str(run / "checkpoint.h5")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+def test_requeue_by_slurm_resumes_bitwise(cluster, config, reference, tmp_path):
+    """scontrol requeue: SIGTERM to the tasks -> checkpoint -> SLURM requeues -> resume -> same model."""
+    jobid, run, info = preempt_and_finish(
+        cluster, tmp_path, config, lambda j: cluster.run("scontrol", "requeue", j)
+    )
+    output = tmp_path / f"elfish-{jobid}.out"
+    check_resumed(output, run, reference, "SIGTERM received: stopped after round")
+    assert int(info["Restarts"]) == 1
+
+
+def test_usr1_checkpoints_requeues_itself_and_resumes_bitwise(cluster, config, reference, tmp_path):
+    """The time-limit warning: SIGUSR1 to the batch shell only -> forwarded -> checkpoint ->
+    the script requeues its own job and exits 0 -> resume -> same model."""
+    jobid, run, info = preempt_and_finish(
+        cluster, tmp_path, config, lambda j: cluster.run("scancel", "--batch", "--signal=USR1", j)
+    )
+    output = tmp_path / f"elfish-{jobid}.out"
+    check_resumed(output, run, reference, "SIGUSR1 received: stopped after round")
+    text = output.read_text(errors="replace")
+    assert f"requeueing job {jobid}" in text, text
+    assert int(info["Restarts"]) == 1
+
+
+def test_sweep_maps_array_tasks_to_strategy_and_seed(cluster, tmp_path):
+    """sweep.sbatch: task i -> (STRATEGIES[i // #seeds], SEEDS[i % #seeds]) in OUT/<strategy>/seed<S>;
+    a task beyond the sweep fails with exit 2."""
+    from elfish_mpi import checkpoint as ckptmod
+
+    config = tmp_path / "sweep.toml"
+    config.write_text(f"""\
+[run]
+rounds = 2
+[data]
+path = "{SAMPLE}"
+test_samples = 100
+max_samples = 100
+[train]
+local_steps = 2
+[workers]
+throttle = "none"
+""")
+    cluster.env.update(ELFISH_STRATEGIES="fedavg,elfish", ELFISH_SEEDS="7")
+    try:
+        out = cluster.run(
+            "sbatch", "--parsable", "--array=0-2", f"--ntasks={RANKS}",
+            f"--export=ALL,ELFISH_CONFIG={config},ELFISH_OUT={tmp_path / 'sweep'}", str(SWEEP), cwd=tmp_path,
+        )
+    finally:
+        for key in ("ELFISH_STRATEGIES", "ELFISH_SEEDS"):
+            del cluster.env[key]
+    array = out.strip().split(";")[0]
+
+    def tasks():
+        text = cluster.run("scontrol", "show", "job", "-o", array, check=False)
+        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in text.splitlines() if "ArrayTaskId=" in line]
+
+    def diagnose():
+        logs = "\n".join(f"--- {p.name}\n{_tail(p, 30)}" for p in sorted(tmp_path.glob("elfish-sweep-*.out")))
+        return f"{tasks()}\n{logs}\n{cluster.logs()}"
+
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    wait_for("the sweep to end", lambda: len(t := tasks()) == 3 and all(x.get("JobState") in ended for x in t),
+             400, 1.0, diagnose)
+    by_task = {int(t["ArrayTaskId"]): t for t in tasks()}
+    assert [by_task[i]["JobState"] for i in (0, 1)] == ["COMPLETED", "COMPLETED"], diagnose()
+    assert by_task[2]["JobState"] == "FAILED" and by_task[2]["ExitCode"] == "2:0", diagnose()
+    assert "array task 2 is out of range" in (tmp_path / f"elfish-sweep-{array}_2.out").read_text()
+    for strategy in ("fedavg", "elfish"):
+        ck = ckptmod.read(tmp_path / "sweep" / strategy / "seed7" / "checkpoint.h5")
+        assert (ck.strategy, ck.round, ck.config["run"]["seed"]) == (strategy, 2, 7)
