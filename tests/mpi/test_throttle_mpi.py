@@ -1,0 +1,136 @@
+"""Throttles on real ranks: a capacity-0.5 worker is busy twice as long as a capacity-1 one.
+
+Run with `mpiexec -n 3 python -m pytest --with-mpi tests/mpi/test_throttle_mpi.py`.
+Rank 1 runs at capacity 1.0, rank 2 at 0.5; rank 0 (and any further rank) only waits.
+The waiting is done with the project's polling Comm, so idle ranks take no core from the workers.
+"""
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from elfish_mpi.calibrate import main as calibrate
+from elfish_mpi.comm import Comm
+from elfish_mpi.throttle import Throttle, ThrottleError, affinity_plan
+
+pytestmark = [pytest.mark.mpi(min_size=3), pytest.mark.timeout(120)]
+
+CAPS = [1.0, 0.5]
+# Others' jobs may load this machine, and a throttle holds its ratios only while every worker
+# gets its fair share. So the fair share is half a core (as if two workers per core):
+# headroom that a loaded machine still gives.
+HEADROOM = 2
+STEPS = 25
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"
+
+
+@pytest.fixture
+def comm():
+    dup = MPI.COMM_WORLD.Dup()
+    yield Comm(dup)
+    dup.Free()
+
+
+def _work(n: int = 150_000) -> int:
+    """A fixed amount of CPU work (about 10 ms at full speed)."""
+    x = 0
+    for i in range(n):
+        x += i * i % 7
+    return x
+
+
+def _busy_times(comm: Comm, mode: str) -> np.ndarray | None:
+    """Ranks 1 and 2 each do STEPS units of work under the throttle, starting together;
+    returns everyone's busy seconds [rank 1, rank 2], or None (on every rank) when the
+    throttle cannot be applied here."""
+    job = comm.bcast_obj(f"mpitest{os.getpid()}" if comm.rank == 0 else None)
+    hosts = comm.comm.allgather(socket.gethostname())
+    throttle, error = None, None
+    if comm.rank in (1, 2):
+        local = [r - 1 for r in (1, 2) if hosts[r] == hosts[comm.rank]]
+        throttle = Throttle(CAPS[comm.rank - 1], mode)
+        try:
+            throttle.attach(
+                worker=comm.rank - 1, num_workers=2, job_id=job, capacities=CAPS, local_workers=local,
+                workers_on_node=HEADROOM * len(os.sched_getaffinity(0)), threads=1,
+            )
+        except ThrottleError as exc:
+            error = str(exc)
+    errors = [e for e in comm.comm.allgather(error) if e]
+    if errors:
+        return None
+    try:
+        row = np.zeros(1)
+        if throttle is not None:
+            throttle.run(_work)  # warm-up
+        comm.barrier()
+        if throttle is not None:
+            t0 = time.perf_counter()
+            for _ in range(STEPS):
+                throttle.run(_work)
+            row[0] = time.perf_counter() - t0
+        rows = comm.gather_rows(row)
+        busy = comm.bcast_obj(None if rows is None else rows[1:3, 0].copy())
+        return busy
+    finally:
+        if throttle is not None:
+            throttle.detach()
+
+
+@pytest.mark.parametrize("mode", ["sleep", "cgroup"])
+def test_half_capacity_worker_is_busy_twice_as_long(comm, mode):
+    # Prepare / Execute
+    busy = _busy_times(comm, mode)
+    if busy is None:
+        pytest.skip(f"the {mode} throttle cannot be applied on this machine (no writable cgroup)")
+
+    # Assert
+    ratio = busy[1] / busy[0]
+    assert 1.6 <= ratio <= 2.4, f"{mode}: busy {busy[0]:.3f} s at capacity 1, {busy[1]:.3f} s at 0.5: ratio {ratio:.2f}"
+
+
+def _calibrate(comm, *args) -> int:
+    code = calibrate(["--data", str(SAMPLE), "--steps", "3", "--warmup", "1", *args])
+    codes = comm.comm.allgather(code)
+    assert len(set(codes)) == 1, f"ranks disagree on the exit status: {codes}"
+    return code
+
+
+def test_calibrate_virtual_prints_a_table(comm, capsys):
+    caps = ",".join(["1"] + ["0.5"] * (comm.size - 2))
+    code = _calibrate(comm, "--throttle", "virtual", "--capacity", caps)
+    out = capsys.readouterr().out
+    assert code in (0, 1)
+    if comm.rank == 0:
+        assert "throttle virtual" in out and "verdict" in out
+        assert len([line for line in out.splitlines() if line.rstrip().endswith(("OK", "OFF"))]) == comm.size - 1
+
+
+def test_calibrate_affinity_refusal_ends_every_rank_with_status_2(comm, capsys):
+    caps = [1.0, 0.5] + [1.0] * (comm.size - 3)
+    try:
+        affinity_plan(caps, sorted(os.sched_getaffinity(0)), threads=1)
+        expressible = True
+    except ThrottleError:
+        expressible = False
+    code = _calibrate(comm, "--throttle", "affinity", "--capacity", ",".join(map(str, caps)))
+    err = capsys.readouterr().err
+    if expressible:  # pragma: no cover - a node with enough cores for single-core groups
+        assert code in (0, 1)
+        return
+    assert code == 2
+    if comm.rank == 0:
+        assert "cannot express capacity" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_calibrate_wrong_capacity_count_is_a_usage_error(comm, capsys):
+    code = _calibrate(comm, "--throttle", "sleep", "--capacity", ",".join(["1"] * (comm.size + 1)))
+    err = capsys.readouterr().err
+    assert code == 2
+    if comm.rank == 0:
+        assert f"the job has {comm.size - 1} worker rank(s)" in err
