@@ -122,8 +122,8 @@ class Aggregator:
     def run(self) -> None:
         cfg, spec = self.cfg, self.spec
         resume = self.setup.get("resume_ckpt")
+        self.comm.barrier()  # every rank is up: round 1's clock starts after everyone's start-up
         if resume is None:
-            self.comm.barrier()
             self.gather_profiles()
         self.make_planner(resume.state if resume is not None else None)
         self.out.mkdir(parents=True, exist_ok=True)

@@ -274,6 +274,10 @@ def show_config(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # catch a stop signal from the very start, before the heavy imports
+        from . import signals
+
+        signals.install()
     if argv and argv[0] in ("bench", "calibrate", "perf"):  # commands with parsers of their own
         import importlib
 

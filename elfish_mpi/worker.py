@@ -184,8 +184,8 @@ class Worker:
 
     def run(self, do_profile: bool) -> None:
         try:
+            self.comm.barrier()  # every worker starts (timing) at once, under the same load
             if do_profile:
-                self.comm.barrier()  # every worker starts timing at once, under the same load
                 self.comm.gather_rows(self.profile())
             while True:
                 plan = self.comm.bcast_obj(None)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test suite: unit tests (no MPI), then the multi-rank tests under mpiexec (MPICH),
-# then the multi-rank tests again under Debian's Open MPI when it can be had
-# (ELFISH_TEST_OPENMPI=0 skips that). Sets up .venv on first use (launch/setup.sh).
+# the SLURM tests (a real one-node cluster on loopback: as root, where slurm-wlm and munge
+# are installed or ELFISH_SLURM_TESTS=1 lets them be installed; skipped otherwise), then the
+# multi-rank tests again under Debian's Open MPI when it can be had (ELFISH_TEST_OPENMPI=0
+# skips that). Sets up .venv on first use (launch/setup.sh).
 # ELFISH_TEST_RANKS picks the MPI size (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,8 @@ python -m pytest -p no:cacheprovider tests/unit
 echo "== MPI tests on $ranks ranks, $(python -c 'from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])')"
 # pytest-timeout ends a hung test inside the job; the outer timeout is the last guard.
 timeout 1200 mpiexec -n "$ranks" python -m pytest -p no:cacheprovider -q --with-mpi tests/mpi
+echo "== SLURM tests"
+python -m pytest -p no:cacheprovider -rs tests/slurm
 deactivate
 if [ "${ELFISH_TEST_OPENMPI:-1}" != 0 ] && bash launch/setup-openmpi.sh; then
     echo "== MPI tests on $ranks ranks, Open MPI"
