@@ -26,7 +26,6 @@ from .strategies import make_strategy
 from .submodel import flat_from_state_dict, load_flat, num_params, param_index, state_dict_from_flat
 from .worker import STATS
 
-METRIC_UNITS = {"round_time": "s", "virtual_time": "s", "wall_clock": "s", "eval_time": "s", "checkpoint_time": "s"}
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
@@ -124,13 +123,16 @@ class Aggregator:
         resume = self.setup.get("resume_ckpt")
         self.comm.barrier()  # every rank is up: round 1's clock starts after everyone's start-up
         if resume is None:
+            t_prof = time.perf_counter()
             self.gather_profiles()
+            self.profiles["profiling_time"] = np.array([time.perf_counter() - t_prof])
         self.make_planner(resume.state if resume is not None else None)
         self.out.mkdir(parents=True, exist_ok=True)
         t_run = time.perf_counter()
         if self.start_round >= cfg.run.rounds:
             print(f"elfish-mpi: checkpoint is already at round {self.start_round} of run.rounds = {cfg.run.rounds}; nothing to do")
         stopped_by = None
+        self.pending = None
         for rnd in range(self.start_round + 1, cfg.run.rounds + 1):
             t0 = time.perf_counter()
             # 1. plan: what each worker trains (keep ratios, steps, limits), then this round's masks
@@ -148,6 +150,8 @@ class Aggregator:
                 "mu": [a.mu for a in assignments],
             })
             self.comm.bcast_array(self.flat)
+            if self.pending is not None:  # the last round's evaluation and checkpoint, overlapped
+                self.finish_round()
             # 3. collect the masked updates; drop late and non-finite ones; recover the global model
             idxs = [param_index(spec, m) for m in masks]
             stats, num, den, accepted = self.collect(rnd, idxs)
@@ -163,22 +167,13 @@ class Aggregator:
                     for name, kept in masks[w].items():
                         self.coverage[name][kept] += 1
             self.cursors = stats[:, STATS.index("cursor")].astype(np.int64)
-            # 5. evaluate, record, report, checkpoint
-            t_eval = time.perf_counter()
-            acc = loss = float("nan")
-            if rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds:
-                load_flat(self.model, self.flat)
-                acc, loss = evaluate(self.model, self.x_test, self.y_test)
-            eval_time = time.perf_counter() - t_eval
+            # 5. record; evaluate, report and checkpoint now, or while the workers train the next round
             keep = [keep_ratio(spec, m) for m in masks]
-            self.record(rnd, round_time, acc, loss, eval_time, stats, keep, ratios, masks, capacity, accepted,
-                        time.perf_counter() - t_run)
-            self.report(rnd, acc, round_time, keep, stats)
+            self.record(rnd, round_time, stats, keep, ratios, masks, capacity, accepted, time.perf_counter() - t_run)
             stopped_by = signals.requested() or ("SIGTERM" if stats[:, STATS.index("signal")].any() else None)
-            if rnd % cfg.checkpoint.every == 0 or rnd == cfg.run.rounds or stopped_by:
-                t_ck = time.perf_counter()
-                self.save(rnd)
-                self.metrics["checkpoint_time"][-1] = time.perf_counter() - t_ck
+            self.pending = (rnd, round_time, keep, stats, bool(stopped_by))
+            if rnd == cfg.run.rounds or stopped_by or not cfg.run.overlap_eval:
+                self.finish_round()
             if stopped_by and rnd < cfg.run.rounds:
                 print(
                     f"elfish-mpi: {stopped_by} received: stopped after round {rnd} with a checkpoint; "
@@ -190,6 +185,25 @@ class Aggregator:
         self.comm.bcast_obj({"stop": True})
         self.summary()
         return 0
+
+    def finish_round(self) -> None:
+        """Evaluate the model of the pending round (if due), report it and checkpoint it (if
+        due). Called right after the round, or during the next one while the workers train:
+        either way the model, masks, coverage, cursors and planner are still that round's."""
+        rnd, round_time, keep, stats, stopping = self.pending
+        self.pending = None
+        cfg = self.cfg
+        if rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds:
+            t_eval = time.perf_counter()
+            load_flat(self.model, self.flat)
+            acc, loss = evaluate(self.model, self.x_test, self.y_test)
+            self.metrics["test_accuracy"][-1], self.metrics["test_loss"][-1] = acc, loss
+            self.metrics["eval_time"][-1] = time.perf_counter() - t_eval
+        self.report(rnd, self.metrics["test_accuracy"][-1], round_time, keep, stats)
+        if rnd % cfg.checkpoint.every == 0 or rnd == cfg.run.rounds or stopping:
+            t_ck = time.perf_counter()
+            self.save(rnd)
+            self.metrics["checkpoint_time"][-1] = time.perf_counter() - t_ck
 
     def collect(self, rnd: int, idxs: list[np.ndarray]):
         """Stats, the weighted sums (num, den) of the accepted updates, and which were accepted."""
@@ -217,18 +231,18 @@ class Aggregator:
         return stats, num, den, accepted
 
     # -- records -------------------------------------------------------------------------
-    def record(self, rnd, round_time, acc, loss, eval_time, stats, keep, ratios, masks, capacity, accepted, elapsed) -> None:
+    def record(self, rnd, round_time, stats, keep, ratios, masks, capacity, accepted, elapsed) -> None:
         col = {name: stats[:, i] for i, name in enumerate(STATS)}
         row = {
             "round": rnd,
             "round_time": round_time,
             "virtual_time": float(col["virtual_time"].max()),
             "wall_clock": self.wall_offset + elapsed,
-            "test_accuracy": acc,
-            "test_loss": loss,
+            "test_accuracy": float("nan"),  # filled in by finish_round where evaluated
+            "test_loss": float("nan"),
             "train_loss": float(np.average(col["train_loss"], weights=col["num_samples"])),
             "updates_accepted": int(accepted.sum()),
-            "eval_time": eval_time,
+            "eval_time": 0.0,
             "checkpoint_time": 0.0,
         }
         for k, v in row.items():

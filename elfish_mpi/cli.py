@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -19,7 +20,7 @@ from .config import Config, ConfigError, load_config, parse_override
 
 # Changes between a checkpoint's config and the resuming one that are safe.
 SAFE_RESUME_KEYS = {
-    "run.rounds", "run.out", "run.round_timeout", "run.eval_every", "run.threads",
+    "run.rounds", "run.out", "run.round_timeout", "run.eval_every", "run.threads", "run.overlap_eval",
     "checkpoint.every", "checkpoint.keep", "data.path",
 }
 
@@ -174,8 +175,9 @@ def prepare(args, num_workers: int) -> dict:
 def known_errors():
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .throttle import ThrottleError
 
-    return (ConfigError, DataError, CheckpointError, UsageError)
+    return (ConfigError, DataError, CheckpointError, UsageError, ThrottleError)
 
 
 def train(args) -> int:
@@ -223,22 +225,42 @@ def run_job(comm, setup: dict) -> int:
     cfg = Config.from_dict(setup["config"])
     torch.set_num_threads(cfg.run.threads)
     spec = get_spec(cfg.model.name, setup["num_classes"], tuple(setup["in_shape"]))
+    # Every rank sets up its part; an error on any rank (a worker's data, its throttle) is
+    # reported by rank 0 and every rank leaves with exit code 2, before any round.
+    hosts = comm.allgather_obj(socket.gethostname())
+    role, error = None, None
+    try:
+        if comm.rank == 0:
+            test = setup["_test"]
+            x = torch.from_numpy(datamod.normalize(test.images))
+            y = torch.from_numpy(test.labels.astype("int64"))
+            role = Aggregator(comm, cfg, spec, dict(setup, resume_ckpt=setup["_ckpt"]), (x, y))
+        else:
+            role = Worker(comm, cfg, spec, setup, hosts)
+    except known_errors() as exc:
+        error = f"rank {comm.rank}: {exc}"
+    except Exception as exc:
+        error = f"rank {comm.rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    errors = [e for e in comm.gather_obj(error) or [] if e]
+    verdict = comm.bcast_obj(errors[0] if errors else None)
+    if verdict:
+        if comm.rank == 0:
+            print(f"elfish-mpi: error: {verdict}", file=sys.stderr, flush=True)
+        if role is not None and hasattr(role, "throttle"):
+            role.throttle.detach()
+        return 2
     if comm.rank == 0:
         for note in setup["notes"]:
             print(f"elfish-mpi: {note}", flush=True)
-        test = setup["_test"]
-        x = torch.from_numpy(datamod.normalize(test.images))
-        y = torch.from_numpy(test.labels.astype("int64"))
-        setup = dict(setup, resume_ckpt=setup["_ckpt"])
         caps = " ".join(f"{c:g}" for c in cfg.capacities(comm.size - 1))
         print(
             f"elfish-mpi: {cfg.strategy.name} on {cfg.data.name} ({cfg.data.partition}), {cfg.model.name}, "
             f"{comm.size - 1} workers, capacities [{caps}], throttle {cfg.workers.throttle}, out {cfg.run.out}",
             flush=True,
         )
-        code = Aggregator(comm, cfg, spec, setup, (x, y)).run()
+        code = role.run()
     else:
-        Worker(comm, cfg, spec, setup).run(do_profile=not setup["resume"])
+        role.run(do_profile=not setup["resume"])
         code = 0
     # Every rank leaves with rank 0's verdict (0: done, EXIT_PREEMPTED: stopped by a signal).
     return int(comm.bcast_obj(code))

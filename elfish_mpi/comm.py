@@ -48,6 +48,14 @@ class Comm:
         self.wait(self.comm.Ibcast(buf, root=0))
         return obj if self.rank == 0 else MPI.pickle.loads(buf.tobytes())
 
+    def allgather_obj(self, obj) -> list:
+        """Every rank's small object, on every rank (start-up only)."""
+        return self.comm.allgather(obj)
+
+    def gather_obj(self, obj) -> list | None:
+        """Every rank's small object at rank 0 (start-up only)."""
+        return self.comm.gather(obj, root=0)
+
     def barrier(self) -> None:
         self.wait(self.comm.Ibarrier())
 

@@ -56,6 +56,11 @@ class RunConfig:
     round_timeout: float = _doc("Seconds rank 0 waits for the workers' updates in one round before ending the job.", 600.0)
     eval_every: int = _doc("Evaluate the global model on the test set every this many rounds (and at the last).", 1)
     threads: int = _doc("torch intra-op threads per rank (several ranks usually share the cores).", 1)
+    overlap_eval: bool = _doc(
+        "Evaluate and write the checkpoint of round r on rank 0 while the workers train round r+1, "
+        "off the round's critical path (the last round and a stop are finished at once).",
+        True,
+    )
 
     def __post_init__(self) -> None:
         _positive_int("run.rounds", self.rounds)
@@ -66,6 +71,8 @@ class RunConfig:
         _number("run.round_timeout", self.round_timeout, 0.0, 1e7, lo_open=True)
         _positive_int("run.eval_every", self.eval_every)
         _positive_int("run.threads", self.threads)
+        if not isinstance(self.overlap_eval, bool):
+            raise ConfigError(f"run.overlap_eval = {self.overlap_eval!r} must be true or false")
 
 
 DATA_NAMES = ("fashion-mnist", "mnist", "femnist", "cifar10", "npz")

@@ -6,6 +6,10 @@
 - ``transport`` (under MPI): the time rank 0 needs to receive the round's updates by each
   transport: ``gather`` (every worker sends its kept values; rank 0 scatters them) and
   ``reduce`` (an MPI sum of dense weighted updates and coverage), at given keep ratios.
+- ``overhead CHECKPOINT...``: the share of a run's time not spent in local training:
+  communication and aggregation (round time minus the last worker's busy time),
+  evaluation, checkpoint writing and the start-up profiling, amortised over the run.
+- ``communication CHECKPOINT...``: bytes each worker sent per round against its keep ratio.
 """
 from __future__ import annotations
 
@@ -135,6 +139,48 @@ def transport(args) -> int:
     return 0
 
 
+def overhead(args) -> int:
+    """Share of a run's time not spent in local training, from its checkpoint."""
+    from . import checkpoint as ckptmod
+
+    print("| run | rounds | median round (s) | local training (s) | comm. + aggregation | evaluation | checkpoint | profiling (amortised) | overhead share |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in args.checkpoints:
+        ck = ckptmod.read(path, load_masks=False)
+        m, w = ck.metrics, ck.workers
+        rt = np.asarray(m["round_time"], dtype=float)
+        busy = np.asarray(w["busy_time"], dtype=float).max(axis=1)  # the round's last worker
+        ev = np.asarray(m["eval_time"], dtype=float)
+        cp = np.asarray(m["checkpoint_time"], dtype=float)
+        prof = float(np.asarray(ck.profiles.get("profiling_time", [0.0])).sum())
+        comm = np.maximum(rt - busy, 0.0)
+        total = rt.sum() + ev.sum() + cp.sum() + prof
+        share = (comm.sum() + ev.sum() + cp.sum() + prof) / total
+        n = len(rt)
+        print(f"| {path} | {n} | {np.median(rt):.3f} | {busy.sum() / total:.1%} | {comm.sum() / total:.1%} | "
+              f"{ev.sum() / total:.1%} | {cp.sum() / total:.1%} | {prof / total:.1%} | {share:.1%} |")
+    return 0
+
+
+def communication(args) -> int:
+    """Bytes each worker sent per round against its keep ratio, from a checkpoint."""
+    from . import checkpoint as ckptmod
+
+    print("| run | worker (rank) | mean keep ratio | mean compute ratio | bytes sent per round | share of a full update |")
+    print("|---|---|---|---|---|---|")
+    for path in args.checkpoints:
+        ck = ckptmod.read(path, load_masks=False)
+        w = ck.workers
+        full = 4.0 * sum(int(np.asarray(v).size) for v in ck.model.values())
+        sent = np.asarray(w["bytes_sent"], dtype=float)
+        keep = np.asarray(w["keep_ratio"], dtype=float)
+        comp = np.asarray(w.get("compute_ratio", np.full_like(keep, np.nan)), dtype=float)
+        for i in range(sent.shape[1]):
+            print(f"| {path} | {i + 1} | {keep[:, i].mean():.3f} | {comp[:, i].mean():.3f} | "
+                  f"{sent[:, i].mean():,.0f} | {sent[:, i].mean() / full:.1%} |")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="elfish-mpi perf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -151,5 +197,10 @@ def main(argv: list[str]) -> int:
     t.add_argument("--model", default="lenet", choices=("lenet", "alexnet"))
     t.add_argument("--keep", default="", help="keep ratio per worker, comma separated (cycled)")
     t.add_argument("--repeats", type=int, default=20)
+    o = sub.add_parser("overhead", help="share of a run's time not spent in local training (from checkpoints)")
+    o.add_argument("checkpoints", nargs="+")
+    c = sub.add_parser("communication", help="bytes sent per round against keep ratio (from checkpoints)")
+    c.add_argument("checkpoints", nargs="+")
     args = p.parse_args(argv)
-    return soft_training(args) if args.what == "soft-training" else transport(args)
+    return {"soft-training": soft_training, "transport": transport, "overhead": overhead,
+            "communication": communication}[args.what](args)

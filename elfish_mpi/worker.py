@@ -84,7 +84,7 @@ def train_step(model, opt, x, y, anchor=None, mu: float = 0.0) -> float:
 
 
 class Worker:
-    def __init__(self, comm: Comm, cfg: Config, spec: ModelSpec, setup: dict):
+    def __init__(self, comm: Comm, cfg: Config, spec: ModelSpec, setup: dict, hosts: list[str]):
         self.comm, self.cfg, self.spec = comm, cfg, spec
         self.index = comm.rank - 1
         num_workers = comm.size - 1
@@ -101,7 +101,11 @@ class Worker:
         self.sampler = Sampler(len(self.y), cfg.train.batch_size, cfg.run.seed, self.index, cursor)
         self.flat = np.empty(num_params(spec), dtype=np.float32)
         self.inject_nan = parse_fault(os.environ.get("ELFISH_FAULT_NAN", ""))
-        self.throttle.attach(worker=self.index, num_workers=num_workers, job_id=setup["job_id"], capacities=caps)
+        local = [r - 1 for r, h in enumerate(hosts) if r > 0 and h == hosts[comm.rank]]  # workers on this node
+        self.throttle.attach(
+            worker=self.index, num_workers=num_workers, job_id=setup["job_id"], capacities=caps,
+            local_workers=local, threads=cfg.run.threads,
+        )
 
     # -- profiling -------------------------------------------------------------
     def profile(self) -> np.ndarray:
@@ -194,7 +198,7 @@ class Worker:
                 self.comm.bcast_array(self.flat)
                 cap = plan["capacity"][self.index]
                 if cap != self.throttle.capacity:
-                    self.throttle.set_capacity(cap)
+                    self.throttle.set_capacity(cap, capacities=plan["capacity"])
                 assignment = {k: plan[k][self.index] for k in ("steps", "time_limit", "mu")}
                 assignment["balance"] = plan["balance"]
                 stats, payload = self.train_round(plan["round"], plan["masks"][self.index], assignment)

@@ -150,3 +150,27 @@ def test_every_strategy_runs_on_the_same_path(strategy):
         if name == "elfish":
             assert np.all(keep[:, -1] < 1.0)
             assert all(not np.array_equal(masks[i], masks[i + 1]) for i in range(2) if masks[i].size == masks[i + 1].size)
+
+
+def test_capacity_trace_slows_a_worker_and_elfish_replans():
+    # Prepare: worker rank 1 runs at full speed, then from round 3 on at a quarter (virtual clock).
+    base = shared_dir()
+    trace = base / "trace.csv"
+    if WORLD.rank == 0:
+        header = ",".join(f"w{i + 1}" for i in range(WORKERS))
+        slow = ",".join(["0.25"] + ["1.0"] * (WORKERS - 1))
+        trace.write_text(f"round,{header}\n3,{slow}\n")
+    WORLD.Barrier()
+    # Execute
+    rc = train(base / "run", "--set", "strategy.keep_ratios=[]", "--set", "workers.throttle=virtual",
+               "--set", f"workers.trace={trace}", "--set", "train.local_steps=6", rounds=5)
+    # Assert
+    assert rc == 0
+    if WORLD.rank != 0:
+        return
+    with h5py.File(base / "run" / "checkpoint.h5", "r") as f:
+        cap = f["workers/capacity"][()]
+        keep = f["workers/keep_ratio"][()]
+    np.testing.assert_array_equal(cap[:2, 0], [1.0, 1.0])
+    np.testing.assert_array_equal(cap[2:, 0], [0.25, 0.25, 0.25])
+    assert keep[-1, 0] < 0.9 and keep[-1, 0] < keep[0, 0]  # re-planned once its measured time grew
