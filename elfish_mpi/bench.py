@@ -222,7 +222,7 @@ def train_command(run: RunSpec, launcher: list[str], np_: int, config: str | Non
 def checkpoint_state(run: RunSpec) -> tuple[str, str]:
     """('new' | 'partial' | 'done' | 'conflict', detail) for a run directory."""
     from . import checkpoint as ckptmod
-    from .cli import config_differences
+    from .cli import config_differences, normalized_config
 
     path = run.run_dir / ckptmod.LATEST_NAME
     if not path.exists():
@@ -234,7 +234,7 @@ def checkpoint_state(run: RunSpec) -> tuple[str, str]:
         ck = ckptmod.read(path, load_masks=False)
     except ckptmod.CheckpointError as exc:
         return "partial", f"unreadable checkpoint ({exc})"
-    unsafe, _safe = config_differences(ck.config, run.config)
+    unsafe, _safe = config_differences(normalized_config(ck.config), normalized_config(run.config))
     if unsafe:
         return "conflict", (
             f"{run.run_dir} holds a run with another configuration ({'; '.join(unsafe[:3])}); "

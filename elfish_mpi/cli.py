@@ -89,6 +89,15 @@ def config_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return unsafe, safe
 
 
+def normalized_config(raw: dict) -> dict:
+    """A config dict with every key present (defaults filled in), so that a checkpoint written
+    before a key existed compares equal to a config that leaves the key at its default."""
+    try:
+        return Config.from_dict(json.loads(json.dumps(raw))).to_dict()
+    except ConfigError:
+        return raw
+
+
 # ---------------------------------------------------------------------------- train
 def prepare(args, num_workers: int) -> dict:
     """Rank 0's checks before any work. Raises ConfigError/DataError/CheckpointError/UsageError."""
@@ -136,7 +145,7 @@ def prepare(args, num_workers: int) -> dict:
             f"or choose another --out"
         )
     if ckpt is not None:
-        unsafe, safe = config_differences(ckpt.config, cfg.to_dict())
+        unsafe, safe = config_differences(normalized_config(ckpt.config), cfg.to_dict())
         if unsafe:
             raise UsageError(
                 "the config differs from the checkpoint's in ways a resumed run cannot follow:\n  " + "\n  ".join(unsafe)

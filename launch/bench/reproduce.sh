@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Reproduces docs/benchmarks.md on one machine (2 cores here): every measurement, in order.
+# Results land in ${BENCH_OUT:-runs/benchmarks}/<n>-<name>/ (summary.md, results.csv, plots).
+# A finished run is skipped when the script is run again, so it can be resumed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${BENCH_OUT:-runs/benchmarks}
+CFG=launch/configs/bench-fashion-mnist.toml
+mkdir -p "$OUT"
+step() { echo; echo "=== $*"; }
+
+# 2. Time to accuracy, Fashion-MNIST with Dirichlet(0.3) label skew (virtual clock). FedAvg runs
+#    15 rounds; its final accuracy is the target the others (60 rounds) must reach.
+step "2a. Fashion-MNIST dirichlet(0.3): FedAvg, 15 rounds"
+elfish-mpi bench --config $CFG -n 5 --strategies fedavg --seeds 0 --partitions dirichlet \
+    --set data.alpha=0.3 --set workers.throttle=virtual --set run.rounds=15 --clock virtual --out "$OUT/2-tta-fmnist-fedavg"
+target=$(python -c "import csv,sys; print(next(csv.DictReader(open(sys.argv[1])))['final_accuracy'])" "$OUT/2-tta-fmnist-fedavg/results.csv")
+step "2b. Fashion-MNIST dirichlet(0.3): the others, 60 rounds, target $target"
+elfish-mpi bench --config $CFG -n 5 --strategies fedavg-drop,fedprox-partial,heterofl,fedrolex,elfish,elfish-naive \
+    --seeds 0 --partitions dirichlet --set data.alpha=0.3 --set workers.throttle=virtual --set run.rounds=60 \
+    --clock virtual --target-accuracy "$target" --out "$OUT/2-tta-fmnist-others"
+
+step "2c. FEMNIST, natural writer partition: FedAvg, 15 rounds"
+FEM=(--set data.name=femnist --set data.partition=natural --set data.test_samples=2000 --set workers.throttle=virtual)
+elfish-mpi bench --config $CFG -n 5 --strategies fedavg --seeds 0 "${FEM[@]}" --set run.rounds=15 \
+    --clock virtual --out "$OUT/2-tta-femnist-fedavg"
+target=$(python -c "import csv,sys; print(next(csv.DictReader(open(sys.argv[1])))['final_accuracy'])" "$OUT/2-tta-femnist-fedavg/results.csv")
+step "2d. FEMNIST natural: the others, 60 rounds, target $target"
+elfish-mpi bench --config $CFG -n 5 --strategies fedavg-drop,fedprox-partial,heterofl,fedrolex,elfish,elfish-naive \
+    --seeds 0 "${FEM[@]}" --set run.rounds=60 --clock virtual --target-accuracy "$target" --out "$OUT/2-tta-femnist-others"
+
+# 3. Accuracy at an equal time budget, 3 seeds (virtual clock; every strategy 20 rounds, budget 5.5 s).
+step "3. equal budget, 3 seeds"
+elfish-mpi bench --config $CFG -n 5 --strategies fedavg,fedavg-drop,fedprox-partial,heterofl,fedrolex,elfish,elfish-naive \
+    --seeds 0,1,2 --partitions dirichlet --set data.alpha=0.3 --set workers.throttle=virtual \
+    --clock virtual --time-budget 5.5 --out "$OUT/3-budget"
+
+# 7. The paper's setting: AlexNet-style CNN on CIFAR-10, the paper's fleet (1, 0.2, 0.533), virtual clock.
+step "7. CIFAR-10, AlexNet-style, paper fleet"
+elfish-mpi bench --config $CFG -n 4 --strategies fedavg,elfish --seeds 0 --fleets paper \
+    --set data.name=cifar10 --set model.name=alexnet --set data.test_samples=2000 --set train.local_steps=10 \
+    --set train.lr=0.02 --set workers.throttle=virtual --set run.rounds=20 --clock virtual --out "$OUT/7-cifar10-paper"
+
+# 1. Round-time balance (wall clock, sleep throttle): ELFISH vs FedAvg vs the ideal fleet.
+step "1. round-time balance"
+elfish-mpi bench --config $CFG -n 5 --strategies fedavg,elfish --seeds 0 --fleets quickstart \
+    --set run.rounds=15 --out "$OUT/1-balance"
+elfish-mpi bench --config $CFG -n 5 --strategies fedavg --seeds 0 --fleets uniform \
+    --set run.rounds=15 --out "$OUT/1-balance-ideal"
+
+# 4, 5, 6: soft-training speed, overhead share, bytes per round.
+step "4. soft-training speed"
+elfish-mpi perf soft-training | tee "$OUT/4-soft-training.md"
+step "5. overhead"
+elfish-mpi perf overhead "$OUT"/1-balance/runs/quickstart/*/elfish/seed0/checkpoint.h5 \
+    "$OUT"/1-balance/runs/quickstart/*/fedavg/seed0/checkpoint.h5 | tee "$OUT/5-overhead.md"
+step "6. communication"
+elfish-mpi perf communication "$OUT"/1-balance/runs/quickstart/*/elfish/seed0/checkpoint.h5 | tee "$OUT/6-communication.md"
+mpiexec -n 5 elfish-mpi perf transport --keep 1,1,0.5,0.25 | tee -a "$OUT/6-communication.md"
