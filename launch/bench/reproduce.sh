@@ -48,12 +48,18 @@ elfish-mpi bench --config $CFG -n 5 --strategies fedavg,elfish --seeds 0 --fleet
 elfish-mpi bench --config $CFG -n 5 --strategies fedavg --seeds 0 --fleets uniform \
     --set run.rounds=15 --out "$OUT/1-balance-ideal"
 
+# 5 (also): ELFISH evaluating every 5th round.
+elfish-mpi bench --config $CFG -n 5 --strategies elfish --seeds 0 --fleets quickstart \
+    --set run.rounds=30 --set run.eval_every=5 --out "$OUT/5-overhead-eval5"
+
 # 4, 5, 6: soft-training speed, overhead share, bytes per round.
 step "4. soft-training speed"
 elfish-mpi perf soft-training | tee "$OUT/4-soft-training.md"
 step "5. overhead"
-elfish-mpi perf overhead "$OUT"/1-balance/runs/quickstart/*/elfish/seed0/checkpoint.h5 \
-    "$OUT"/1-balance/runs/quickstart/*/fedavg/seed0/checkpoint.h5 | tee "$OUT/5-overhead.md"
+elfish-mpi perf overhead "$OUT"/1-balance/runs/quickstart/*/*/seed0/checkpoint.h5 \
+    "$OUT"/1-balance-ideal/runs/uniform/*/fedavg/seed0/checkpoint.h5 \
+    "$OUT"/2-tta-fmnist-others/runs/quickstart/dirichlet/elfish/seed0/checkpoint.h5 \
+    "$OUT"/5-overhead-eval5/runs/quickstart/*/elfish/seed0/checkpoint.h5 | tee "$OUT/5-overhead.md"
 step "6. communication"
 elfish-mpi perf communication "$OUT"/1-balance/runs/quickstart/*/elfish/seed0/checkpoint.h5 | tee "$OUT/6-communication.md"
 mpiexec -n 5 elfish-mpi perf transport --keep 1,1,0.5,0.25 | tee -a "$OUT/6-communication.md"
