@@ -16,7 +16,7 @@ setup(
         "tomli>=1.1; python_version<'3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1", "hypothesis>=6", "matplotlib>=3.5", "pillow>=9"],
         "mpich": ["mpich"],
         "bench": ["matplotlib>=3.5", "pillow>=9"],
         "cifar": ["pillow>=9"],

@@ -943,6 +943,10 @@ def main(argv: list[str]) -> int:
             return int(exc.code or 0)
         if args.np < 2:
             raise BenchUsageError("-n must be at least 2 (rank 0 aggregates, the others train)")
+        try:
+            import matplotlib  # noqa: F401  (the plots; checked before any run starts)
+        except ImportError:
+            raise BenchUsageError('the bench draws its plots with matplotlib: pip install -e ".[bench]"') from None
         if args.timeline_rounds < 1:
             raise BenchUsageError("--timeline-rounds must be >= 1")
         if args.run_timeout <= 0:
