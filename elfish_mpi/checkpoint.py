@@ -36,7 +36,8 @@ Groups and datasets:
 ``/workers/<name>``
     Per-round, per-worker values, shape ``(round, workers)``,
     ``maxshape=(None, workers)``. E.g. ``keep_ratio``, ``busy_time``,
-    ``idle_time``, ``virtual_time``, ``num_samples``.
+    ``idle_time``, ``virtual_time``, ``num_samples``. Every dataset has the
+    same number of columns (workers).
 ``/masks/round_NNNNNN/worker_NN/<layer>``
     int32, sorted indices of the neurons of ``<layer>`` a worker kept (trained)
     in a round. ``NNNNNN`` is the 1-based round number, zero padded to 6
@@ -103,6 +104,7 @@ __all__ = [
     "summary",
     "rotate",
     "find_latest_valid",
+    "remove_stale_temps",
 ]
 
 FORMAT = "elfish-mpi"
@@ -238,6 +240,8 @@ def _prepare(ckpt: Checkpoint) -> dict:
             raise CheckpointError(
                 f"workers/{name}: expected shape ({rnd}, workers) (one row per round), got {arr.shape}"
             )
+    if _worker_counts(groups["workers"]) is not None:
+        raise CheckpointError(f"workers: {_worker_counts(groups['workers'])}")
 
     if not isinstance(ckpt.masks, dict):
         raise CheckpointError(f"masks: expected a dict round -> list, got {type(ckpt.masks).__name__}")
@@ -269,6 +273,15 @@ def _prepare(ckpt: Checkpoint) -> dict:
 
     return {"round": rnd, "config": config_json, "strategy": ckpt.strategy, "attrs": attrs,
             "groups": groups, "masks": masks}
+
+
+def _worker_counts(workers: dict[str, np.ndarray]) -> str | None:
+    """None if every (round, workers) dataset has the same number of columns, else the problem."""
+    counts = {name: arr.shape[1] for name, arr in workers.items()}
+    if len(set(counts.values())) <= 1:
+        return None
+    listed = ", ".join(f"{name} {n}" for name, n in counts.items())
+    return f"datasets disagree on the number of workers (columns: {listed})"
 
 
 def _create(group: h5py.Group, name: str, arr: np.ndarray, *, extendable: bool = False,
@@ -383,17 +396,32 @@ def _attr_to_str(value: object) -> str | None:
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
     if isinstance(value, (bytes, np.bytes_)):
-        return bytes(value).decode("utf-8")
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:  # not text: treated like any other non-string value
+            return None
     if isinstance(value, str):
         return str(value)
     return None
+
+
+def _show(value: object) -> str:
+    """An attribute value for an error message: numpy types as plain Python values."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist() if value.ndim else value[()]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = _attr_to_str(value) or value
+    return repr(value)
 
 
 def _attr_to_python(value: object) -> object:
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
     if isinstance(value, (bytes, np.bytes_, str)):
-        return _attr_to_str(value)
+        text = _attr_to_str(value)
+        return bytes(value) if text is None else text
     if isinstance(value, (bool, np.bool_)):
         return int(value)
     if isinstance(value, (int, np.integer)):
@@ -442,12 +470,23 @@ class _Reader:
             arr = arr.reshape(())
         return arr
 
+    def child(self, parent: h5py.Group, key: str) -> object:
+        """``parent[key]``, refusing links: the writer stores none, and following a soft or
+        external link would read another object or another file (or fail obscurely)."""
+        link = parent.get(key, getlink=True)
+        where = f"{parent.name.rstrip('/')}/{key}"
+        if isinstance(link, h5py.SoftLink):
+            raise self.fail(f"'{where}' is a soft link to {link.path!r}, not stored data")
+        if isinstance(link, h5py.ExternalLink):
+            raise self.fail(f"'{where}' is an external link to {link.filename!r}, not stored data")
+        return parent[key]
+
     def group(self, name: str, *, required: bool) -> h5py.Group | None:
         if name not in self.f:
             if required:
                 raise self.fail(f"missing required group '/{name}'")
             return None
-        g = self.f[name]
+        g = self.child(self.f, name)
         if not isinstance(g, h5py.Group):
             raise self.fail(f"'/{name}' is not a group")
         return g
@@ -458,7 +497,7 @@ class _Reader:
         if g is None:
             return out
         for key in g:
-            obj = g[key]
+            obj = self.child(g, key)
             if not isinstance(obj, h5py.Dataset):
                 raise self.fail(f"'/{name}/{key}' is not a dataset")
             out[key] = self.load(obj)
@@ -471,18 +510,18 @@ class _Reader:
             return out
         for rname in g:
             m = _ROUND_RE.match(rname)
-            rg = g[rname]
+            rg = self.child(g, rname)
             if m is None or not isinstance(rg, h5py.Group):
                 raise self.fail(f"unexpected entry '/masks/{rname}' (expected group round_NNNNNN)")
             workers: dict[int, dict[str, np.ndarray]] = {}
             for wname in rg:
                 wm = _WORKER_RE.match(wname)
-                wg = rg[wname]
+                wg = self.child(rg, wname)
                 if wm is None or not isinstance(wg, h5py.Group):
                     raise self.fail(f"unexpected entry '/masks/{rname}/{wname}' (expected group worker_NN)")
                 layers = {}
                 for layer in wg:
-                    ds = wg[layer]
+                    ds = self.child(wg, layer)
                     if not isinstance(ds, h5py.Dataset):
                         raise self.fail(f"'{ds.name}' is not a dataset")
                     arr = self.load(ds, kinds="iu")
@@ -501,23 +540,23 @@ class _Reader:
             raise self.fail(f"not an {FORMAT} checkpoint (no 'format' attribute)")
         fmt = _attr_to_str(attrs["format"])
         if fmt != FORMAT:
-            raise self.fail(f"not an {FORMAT} checkpoint (format is {fmt!r})")
+            raise self.fail(f"not an {FORMAT} checkpoint (format is {_show(attrs['format'])})")
         if "format_version" not in attrs:
             raise self.fail("missing required attribute 'format_version'")
         version = _attr_int(attrs["format_version"])
         if version not in SUPPORTED_VERSIONS:
             supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
-            raise self.fail(f"unsupported format_version {attrs['format_version']!r}; "
+            raise self.fail(f"unsupported format_version {_show(attrs['format_version'])}; "
                             f"this version of elfish-mpi supports format_version {supported}")
         for name in ("round", "config", "strategy"):
             if name not in attrs:
                 raise self.fail(f"missing required attribute '{name}'")
         rnd = _attr_int(attrs["round"])
         if rnd is None or rnd < 0:
-            raise self.fail(f"attribute 'round' must be an integer >= 0, got {attrs['round']!r}")
+            raise self.fail(f"attribute 'round' must be an integer >= 0, got {_show(attrs['round'])}")
         config_text = _attr_to_str(attrs["config"])
         if config_text is None:
-            raise self.fail("attribute 'config' is not a string")
+            raise self.fail("attribute 'config' is not a (UTF-8) string")
         try:
             config = json.loads(config_text)
         except ValueError as exc:
@@ -526,7 +565,7 @@ class _Reader:
             raise self.fail("attribute 'config' is not a JSON object")
         strategy = _attr_to_str(attrs["strategy"])
         if strategy is None:
-            raise self.fail("attribute 'strategy' is not a string")
+            raise self.fail("attribute 'strategy' is not a (UTF-8) string")
         extra = {k: _attr_to_python(attrs[k]) for k in attrs if k not in _RESERVED_ATTRS}
 
         for g in _REQUIRED_GROUPS:
@@ -538,6 +577,8 @@ class _Reader:
         for name, arr in groups["workers"].items():
             if arr.ndim != 2 or arr.shape[0] != rnd:
                 raise self.fail(f"workers/{name} has shape {arr.shape}, expected ({rnd}, workers) for round {rnd}")
+        if _worker_counts(groups["workers"]) is not None:
+            raise self.fail(f"workers: {_worker_counts(groups['workers'])}")
         masks = self.masks() if load_masks else {}
         return Checkpoint(round=rnd, config=config, strategy=strategy, masks=masks, attrs=extra, **groups)
 
@@ -680,7 +721,8 @@ def rotate(run_dir: str | os.PathLike, ckpt: Checkpoint, keep: int) -> Path:
     ``run_dir/checkpoint.h5`` atomically (a separate copy, not a link), then
     deletes the oldest history files so that only the newest ``keep`` remain
     (``keep=0`` keeps all; the file just written is never deleted). Returns
-    the history path.
+    the history path. Temporary files left behind by a killed writer are
+    removed first (see :func:`remove_stale_temps`).
     """
     if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 0:
         raise ValueError(f"keep must be an integer >= 0, got {keep!r}")
@@ -688,6 +730,7 @@ def rotate(run_dir: str | os.PathLike, ckpt: Checkpoint, keep: int) -> Path:
     run_dir = Path(run_dir)
     hist_dir = run_dir / HISTORY_DIR
     hist_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run_dir)
     hist_path = hist_dir / f"round-{int(ckpt.round):06d}.h5"
     write(hist_path, ckpt)
     write(run_dir / LATEST_NAME, ckpt)
@@ -705,32 +748,99 @@ def rotate(run_dir: str | os.PathLike, ckpt: Checkpoint, keep: int) -> Path:
     return hist_path
 
 
-def find_latest_valid(run_dir: str | os.PathLike) -> tuple[Path, list[str]]:
-    """Find the checkpoint to resume from.
+# Temporary files of write() (".<name>.h5.<pid>-<hex>.tmp") and of the run's metrics.csv.
+_TEMP_RE = re.compile(r"^\.(?:.+\.h5\.(\d+)-[0-9a-f]+|metrics\.csv\.(\d+))\.tmp$")
 
-    Candidates, in order: ``run_dir/checkpoint.h5``, then
-    ``run_dir/checkpoints/round-*.h5`` newest first. Returns the first one that
-    :func:`validate` accepts, plus messages about the candidates skipped.
-    Raises :class:`CheckpointError` listing what was tried if none is valid.
+
+def _pid_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True  # unsure: keep the file
+    return True
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of :func:`write` (``.<name>.h5.<pid>-<random>.tmp``) and of
+    ``metrics.csv`` (``.metrics.csv.<pid>.tmp``) in ``run_dir`` and ``run_dir/checkpoints``
+    whose writer process no longer runs on this machine.
+
+    A writer killed between creating its temporary file and renaming it leaves
+    the file behind. Files of a running process (this one included) are kept,
+    since a live writer may still be filling them. Only rank 0 writes a run
+    directory: a writer on another machine sharing it would not be seen as live.
+    Returns the paths removed.
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    for directory in (run_dir, run_dir / HISTORY_DIR):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            m = _TEMP_RE.match(name)
+            if m is None or _pid_running(int(m.group(1) or m.group(2))):
+                continue
+            p = directory / name
+            try:
+                if p.is_file() and not p.is_symlink():
+                    p.unlink()
+                    removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def find_latest_valid(run_dir: str | os.PathLike) -> tuple[Path, list[str]]:
+    """Find the checkpoint to resume from: the valid one with the highest round.
+
+    Candidates: ``run_dir/checkpoint.h5`` and ``run_dir/checkpoints/round-*.h5``.
+    :func:`rotate` writes the history file before ``checkpoint.h5``, so a crash
+    between the two leaves a history file one round newer than
+    ``checkpoint.h5``; it is preferred then. On equal rounds ``checkpoint.h5``
+    wins. Damaged candidates are skipped. Returns the chosen path plus messages
+    about the candidates skipped (and why another file than ``checkpoint.h5``
+    was chosen). Temporary files (``.*.tmp``) are never candidates. Raises
+    :class:`CheckpointError` listing what was tried if none is valid.
     """
     run_dir = Path(run_dir)
     latest = run_dir / LATEST_NAME
-    history = [p for _r, p in reversed(_history(run_dir))]
+    history = list(reversed(_history(run_dir)))  # newest first, by the round in the name
     skipped: list[str] = []
+    best: tuple[int, Path] | None = None
     if latest.exists():
-        candidates = [latest] + history
-    else:
-        candidates = history
-        if history:
-            skipped.append(f"{latest}: missing; falling back to the history in {run_dir / HISTORY_DIR}")
-    for p in candidates:
         try:
-            validate(p)
+            best = (validate(latest).round, latest)
+        except CheckpointError as exc:
+            skipped.append(f"skipped damaged checkpoint {exc}")
+    elif history:
+        skipped.append(f"{latest}: missing; falling back to the history in {run_dir / HISTORY_DIR}")
+    for name_round, p in history:
+        if best is not None and name_round <= best[0]:
+            break  # neither this one nor the older ones are newer than what we have
+        try:
+            rnd = validate(p).round
         except CheckpointError as exc:
             skipped.append(f"skipped damaged checkpoint {exc}")
             continue
-        return p, skipped
-    if not candidates:
+        if best is None or rnd > best[0]:
+            if best is not None:
+                skipped.append(f"{best[1]} holds round {best[0]}, but {p} holds round {rnd} "
+                               f"(interrupted between the two writes); using {p}")
+            best = (rnd, p)
+            break
+    if best is not None:
+        return best[1], skipped
+    if not latest.exists() and not history:
         raise CheckpointError(f"{run_dir}: no checkpoint found (looked for {LATEST_NAME} and "
                               f"{HISTORY_DIR}/round-*.h5)")
     raise CheckpointError(f"{run_dir}: no valid checkpoint; tried:\n  " + "\n  ".join(skipped))
