@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from . import checkpoint as ckptmod
 from . import profiling, signals
 from .aggregation import combine, accumulate
-from .comm import Comm, RoundTimeout
+from .comm import Comm, RankFailure, RoundTimeout
 from .fleet import load_trace
 from .config import Config
 from .masking import compute_ratio, keep_ratio, make_masks
@@ -144,12 +144,17 @@ class Aggregator:
             ]
             capacity = self.trace.capacities(rnd, self.start_capacity) if self.trace else self.start_capacity
             # 2. broadcast the plan and the global model
-            self.comm.bcast_obj({
+            plan = {
                 "stop": False, "round": rnd, "masks": masks, "capacity": capacity, "balance": self.strategy.balance,
                 "steps": [a.steps for a in assignments], "time_limit": [a.time_limit for a in assignments],
                 "mu": [a.mu for a in assignments],
-            })
-            self.comm.bcast_array(self.flat)
+            }
+            try:
+                self.comm.bcast_obj(plan, timeout=cfg.run.round_timeout)
+                self.comm.bcast_array(self.flat, cfg.run.round_timeout)
+            except RoundTimeout as exc:
+                self.save_pending()
+                raise RoundTimeout(f"round {rnd}: {exc}") from None
             if self.pending is not None:  # the last round's evaluation and checkpoint, overlapped
                 self.finish_round()
             # 3. collect the masked updates; drop late and non-finite ones; recover the global model
@@ -205,6 +210,15 @@ class Aggregator:
             self.save(rnd)
             self.metrics["checkpoint_time"][-1] = time.perf_counter() - t_ck
 
+    def save_pending(self) -> None:
+        """Before the job ends on a failed round: the previous round's checkpoint, if its
+        overlapped write had not happened yet (the model is still that round's)."""
+        if self.pending is not None:
+            try:
+                self.finish_round()
+            except Exception as exc:  # the failure being reported matters more
+                print(f"elfish-mpi: could not write the pending checkpoint: {exc}", file=sys.stderr, flush=True)
+
     def collect(self, rnd: int, idxs: list[np.ndarray]):
         """Stats, the weighted sums (num, den) of the accepted updates, and which were accepted."""
         timeout = self.cfg.run.round_timeout
@@ -217,8 +231,9 @@ class Aggregator:
                 stats = self.comm.recv_stats(self.num_workers, len(STATS), timeout)
                 summed = self.comm.reduce_sum(np.zeros((2, size), dtype=np.float64), timeout)
                 finite = stats[:, STATS.index("finite")] > 0
-        except RoundTimeout as exc:
-            raise RoundTimeout(f"round {rnd}: {exc}") from None
+        except (RoundTimeout, RankFailure) as exc:
+            self.save_pending()
+            raise type(exc)(f"round {rnd}: {exc}") from None
         late = stats[:, STATS.index("late")] > 0
         accepted = finite & ~late
         for w in np.flatnonzero(~finite):

@@ -151,8 +151,12 @@ def prepare(args, num_workers: int) -> dict:
                 "the config differs from the checkpoint's in ways a resumed run cannot follow:\n  " + "\n  ".join(unsafe)
             )
         notes += [f"config change allowed on resume: {line}" for line in safe]
-        if int(ckpt.attrs.get("num_workers", num_workers)) != num_workers:
-            raise UsageError(f"the checkpoint was written by a job with {ckpt.attrs.get('num_workers')} workers; this job has {num_workers}")
+        try:
+            ck_workers = int(ckpt.attrs.get("num_workers", num_workers))
+        except (TypeError, ValueError):
+            raise UsageError(f"{path}: attribute num_workers = {ckpt.attrs.get('num_workers')!r} is not a number") from None
+        if ck_workers != num_workers:
+            raise UsageError(f"the checkpoint was written by a job with {ck_workers} workers; this job has {num_workers}")
     data_path = str(datamod.resolve_path(cfg.data.name, cfg.data.path))
     test = datamod.load_test_data(cfg.data.name, data_path, cfg.data.test_samples)
     in_shape = tuple(int(s) for s in test.images.shape[1:])
@@ -167,6 +171,7 @@ def prepare(args, num_workers: int) -> dict:
         got = {k: tuple(v.shape) for k, v in ckpt.model.items()}
         if expect != got:
             raise UsageError(f"the checkpoint's model does not fit {cfg.model.name} on {cfg.data.name}")
+        check_resume_state(ckpt, spec, cfg, num_workers, path)
     return {
         "config": cfg.to_dict(),
         "data_path": data_path,
@@ -181,12 +186,42 @@ def prepare(args, num_workers: int) -> dict:
     }
 
 
+def check_resume_state(ckpt, spec, cfg: Config, num_workers: int, path) -> None:
+    """What a resumed run reads besides the model must fit this job, or the run is refused."""
+    from .profiling import configurations
+    from .strategies import make_strategy
+
+    problems = []
+    cursor = ckpt.state.get("cursor")
+    if cursor is None or cursor.shape != (num_workers,):
+        problems.append(f"/state/cursor must hold one data position per worker ({num_workers})")
+    for layer in spec.layers:
+        if not layer.maskable:
+            continue
+        cov = ckpt.coverage.get(layer.name)
+        if cov is None or cov.shape != (layer.out,):
+            problems.append(f"/coverage/{layer.name} must have shape ({layer.out},)")
+    if make_strategy(cfg, spec, num_workers).needs_planner:
+        configs = len(configurations(spec))
+        for name in ("step_time", "macs"):
+            arr = ckpt.profiles.get(name)
+            if arr is None or arr.shape != (num_workers, configs):
+                problems.append(f"/profiles/{name} must have shape ({num_workers}, {configs}) for planning")
+        for name in ("planner_alpha", "planner_beta", "planner_scale"):
+            arr = ckpt.state.get(name)
+            if arr is not None and arr.shape != (num_workers,):
+                problems.append(f"/state/{name} must hold one value per worker ({num_workers})")
+    if problems:
+        raise UsageError(f"{path} cannot be resumed by this job: " + "; ".join(problems))
+
+
 def known_errors():
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .comm import RankFailure, RoundTimeout
     from .throttle import ThrottleError
 
-    return (ConfigError, DataError, CheckpointError, UsageError, ThrottleError)
+    return (ConfigError, DataError, CheckpointError, UsageError, ThrottleError, RoundTimeout, RankFailure)
 
 
 def train(args) -> int:

@@ -22,6 +22,10 @@ class RoundTimeout(RuntimeError):
     """Workers did not deliver their update in time."""
 
 
+class RankFailure(RuntimeError):
+    """A worker rank failed (its process died or its connection broke)."""
+
+
 class Comm:
     def __init__(self, comm: MPI.Comm | None = None):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
@@ -29,23 +33,28 @@ class Comm:
         self.size = self.comm.Get_size()
 
     # -- waiting ------------------------------------------------------------
-    def wait(self, req) -> None:
+    def wait(self, req, timeout: float | None = None, what: str = "") -> None:
         """Complete a request by polling with short sleeps. A blocking MPI call busy-polls,
-        which on an oversubscribed node takes a core away from the ranks doing real work."""
+        which on an oversubscribed node takes a core away from the ranks doing real work.
+        With ``timeout``, raise :class:`RoundTimeout` when it has not completed in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not req.Test():
+            if deadline is not None and time.monotonic() > deadline:
+                raise RoundTimeout(f"{what} did not complete within run.round_timeout = {timeout:g} s")
             time.sleep(_POLL)
 
     # -- control ------------------------------------------------------------
-    def bcast_obj(self, obj=None):
+    def bcast_obj(self, obj=None, timeout: float | None = None):
         """Broadcast a small picklable control message from rank 0 (polling, see :meth:`wait`)."""
         if self.rank == 0:
             payload = np.frombuffer(MPI.pickle.dumps(obj), dtype=np.uint8)
             n = np.array([payload.size], dtype=np.int64)
         else:
             n = np.zeros(1, dtype=np.int64)
-        self.wait(self.comm.Ibcast(n, root=0))
+        what = "the broadcast of the round's plan (a worker rank stopped answering)"
+        self.wait(self.comm.Ibcast(n, root=0), timeout, what)
         buf = np.array(payload, copy=True) if self.rank == 0 else np.empty(int(n[0]), dtype=np.uint8)
-        self.wait(self.comm.Ibcast(buf, root=0))
+        self.wait(self.comm.Ibcast(buf, root=0), timeout, what)
         return obj if self.rank == 0 else MPI.pickle.loads(buf.tobytes())
 
     def allgather_obj(self, obj) -> list:
@@ -65,9 +74,9 @@ class Comm:
         self.comm.Abort(code)
 
     # -- tensors ------------------------------------------------------------
-    def bcast_array(self, arr: np.ndarray) -> np.ndarray:
+    def bcast_array(self, arr: np.ndarray, timeout: float | None = None) -> np.ndarray:
         """Broadcast ``arr`` from rank 0 in place (every rank passes a buffer of the same shape)."""
-        self.wait(self.comm.Ibcast(arr, root=0))
+        self.wait(self.comm.Ibcast(arr, root=0), timeout, "the broadcast of the model (a worker rank stopped answering)")
         return arr
 
     def gather_rows(self, row: np.ndarray) -> np.ndarray | None:
@@ -89,7 +98,12 @@ class Comm:
         deadline = time.monotonic() + timeout
         while pending:
             for i in list(pending):
-                if requests[i].Test():
+                try:
+                    done = requests[i].Test()
+                except MPI.Exception as exc:
+                    raise RankFailure(f"worker rank {owners[i]} failed while rank 0 waited for its {what}: "
+                                      f"{exc.Get_error_string().splitlines()[0]}") from None
+                if done:
                     pending.discard(i)
             if not pending:
                 break

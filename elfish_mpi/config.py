@@ -40,7 +40,10 @@ def _positive_int(key: str, value: Any, minimum: int = 1) -> None:
 
 
 def _number(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an integer beyond the float range
+        ok = False
     if ok:
         ok = (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
@@ -345,6 +348,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {text!r}: the value is nested too deeply") from None
     return section, key, value
 
 
@@ -362,6 +367,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             raise ConfigError(f"config file {p} is a directory") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {p} nests values too deeply") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc}") from None
     for text in overrides:
         section, key, value = parse_override(text)
         if section not in SECTIONS:

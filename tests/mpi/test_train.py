@@ -134,8 +134,9 @@ def test_every_strategy_runs_on_the_same_path(strategy):
         if name in ("fedavg", "fedavg-drop", "fedprox-partial"):
             assert np.all(keep == 1.0)
         if name == "fedavg-drop":
-            assert f["workers/dropped"][()][:, -1].sum() >= 1  # the 4x straggler misses the deadline
-            assert f["workers/dropped"][()][:, 0].sum() == 0
+            dropped = f["workers/dropped"][()]
+            assert dropped[:, -1].sum() == 3  # the 4x straggler misses the deadline every round
+            assert dropped[:, 0].sum() < 3  # a full-speed worker makes it (timing noise aside)
         if name == "fedprox-partial":
             steps = f["workers/steps"][()]
             assert np.all(steps[:, -1] < steps[:, 0])

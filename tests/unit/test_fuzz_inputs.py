@@ -7,7 +7,7 @@
   ``elfish-mpi validate FILE`` exits 2 with one ``elfish-mpi: error:`` line, and
   ``mpiexec -n 3 elfish-mpi train --resume FILE`` refuses without writing anything.
 
-Known bugs outside checkpoint.py are pinned by ``xfail(strict=True)`` tests; the properties
+Bugs that these properties found (huge integers, deep nesting, resume state that does not fit) are fixed and pinned by tests; the properties
 keep to inputs around them (noted where so).
 """
 from __future__ import annotations
@@ -226,9 +226,6 @@ HUGE = "1" + "0" * 400  # an integer literal beyond the range of a float (and of
 DEEP = "[" * 1500 + "]" * 1500
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "config.py _number(): math.isfinite() on an integer beyond the float range raises OverflowError "
-    "(tomllib accepts integers of any size); expected ConfigError naming the key"))
 @pytest.mark.parametrize("override", [f"train.lr={HUGE}", f"workers.capacity=[{HUGE}]", f"strategy.keep_ratios=[{HUGE}]",
                                       f"run.round_timeout={HUGE}", f"data.alpha=-{HUGE}"],
                          ids=["train.lr", "workers.capacity", "strategy.keep_ratios", "run.round_timeout", "data.alpha"])
@@ -237,15 +234,11 @@ def test_huge_integer_for_a_number_key_is_a_config_error(override):
         load_config(None, [override])
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="same _number() OverflowError, from a TOML file")
 def test_huge_integer_in_a_config_file_is_a_config_error():
     with pytest.raises(ConfigError, match="train.lr"):
         load_from_text(f"[train]\nlr = {HUGE}\n")
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "config.py parse_override() / load_config() catch only TOMLDecodeError: tomllib raises RecursionError "
-    "on deeply nested arrays or inline tables; expected ConfigError"))
 @pytest.mark.parametrize("via", ["set", "file"])
 def test_deeply_nested_value_is_a_config_error(via):
     with pytest.raises(ConfigError):
@@ -255,9 +248,6 @@ def test_deeply_nested_value_is_a_config_error(via):
             load_from_text(f"[run]\nrounds = {DEEP}\n")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.py show_config / train: the OverflowError of _number() escapes as a traceback (exit 1 from "
-    "`elfish-mpi config`); expected exit 2 and one 'elfish-mpi: error: train.lr ...' line"))
 def test_cli_config_with_huge_integer_fails_cleanly():
     res = subprocess.run([sys.executable, "-m", "elfish_mpi", "config", "--set", f"train.lr={HUGE}"],
                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
@@ -641,23 +631,10 @@ def test_resume_refuses_workers_datasets_of_different_widths(trained, tmp_path):
 
 # Damage that passes the checks before the job starts: found by running such resumes for real.
 @pytest.mark.parametrize("change, observed", [
-    pytest.param(lambda f: f.attrs.__setitem__("num_workers", fixed("two")), "ValueError",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "cli.py prepare(): int(ckpt.attrs['num_workers']) raises ValueError on a non-numeric attribute; "
-                     "`train --resume` prints 'elfish-mpi: error: ValueError: invalid literal for int()' and a "
-                     "traceback; expected a one-line refusal"))),
-    pytest.param(lambda f: reshape(f, "state/cursor", (1,)), "IndexError on worker rank 2",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "cli.py prepare() does not check len(state/cursor) == workers: the job starts, creates the "
-                     "run directory, then worker rank 2 dies with IndexError (list index out of range) and a traceback"))),
-    pytest.param(lambda f: reshape(f, "coverage/fc1", (3,)), "IndexError on rank 0",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "cli.py prepare() does not check /coverage against the model's layer widths: the job starts, "
-                     "then rank 0 dies in round 1 with IndexError (index N is out of bounds) and a traceback"))),
-    pytest.param(lambda f: f.__delitem__("profiles"), "KeyError 'macs' on rank 0",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "/profiles is optional in the format, but a planned (elfish) run needs it: prepare() accepts the "
-                     "file, then Aggregator.make_planner dies with KeyError: 'macs' and a traceback"))),
+    pytest.param(lambda f: f.attrs.__setitem__("num_workers", fixed("two")), "ValueError"),
+    pytest.param(lambda f: reshape(f, "state/cursor", (1,)), "IndexError on worker rank 2"),
+    pytest.param(lambda f: reshape(f, "coverage/fc1", (3,)), "IndexError on rank 0"),
+    pytest.param(lambda f: f.__delitem__("profiles"), "KeyError 'macs' on rank 0"),
 ], ids=["num_workers-text", "cursor-length", "coverage-width", "no-profiles"])
 def test_resume_refuses_state_that_does_not_fit_the_job(trained, tmp_path, change, observed):
     from elfish_mpi.cli import known_errors
