@@ -83,10 +83,12 @@ def _busy_times(comm: Comm, mode: str) -> np.ndarray | None:
 
 @pytest.mark.parametrize("mode", ["sleep", "cgroup"])
 def test_half_capacity_worker_is_busy_twice_as_long(comm, mode):
-    # Prepare / Execute
-    busy = _busy_times(comm, mode)
-    if busy is None:
+    # Prepare / Execute: three measurements; the median ratio is the verdict (one measurement
+    # on a shared 2-core machine swings by +-30%)
+    trials = [_busy_times(comm, mode) for _ in range(3)]
+    if trials[0] is None:
         pytest.skip(f"the {mode} throttle cannot be applied on this machine (no writable cgroup)")
+    busy = sorted(trials, key=lambda b: b[1] / b[0])[1]
 
     # Assert
     # A behaviour check (the half-capacity worker is about twice as slow), with room for a shared
