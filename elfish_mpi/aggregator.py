@@ -23,7 +23,7 @@ from .masking import compute_ratio, keep_ratio, make_masks
 from .models import MaskableCNN, ModelSpec
 from .planner import Planner
 from .strategies import make_strategy
-from .submodel import flat_from_state_dict, load_flat, num_params, param_index, state_dict_from_flat
+from .submodel import flat_from_state_dict, flat_params, load_flat, param_index, state_dict_from_flat
 from .worker import STATS
 
 
@@ -65,8 +65,6 @@ class Aggregator:
         else:
             torch.manual_seed(cfg.run.seed)
             self.model = MaskableCNN(spec)
-            from .submodel import flat_params
-
             self.flat = flat_params(self.model)
             self.start_round = 0
             self.metrics: dict[str, list] = {}

@@ -57,7 +57,7 @@ def param_index(spec: ModelSpec, kept: Kept) -> np.ndarray:
     prev_kept = np.arange(spec.in_shape[0], dtype=np.int64)
     prev_full = spec.in_shape[0]
     for i, layer in enumerate(spec.layers):
-        (_, wshape, woff), (_, _, boff) = entries[2 * i], entries[2 * i + 1]
+        (_, _, woff), (_, _, boff) = entries[2 * i], entries[2 * i + 1]
         rows = np.asarray(kept.get(layer.name, np.arange(layer.out)), dtype=np.int64)
         if layer.kind == "conv":
             kk = layer.kernel * layer.kernel

@@ -13,7 +13,7 @@ from . import profiling, signals
 from .comm import Comm
 from .config import Config
 from .masking import keep_ratio, make_masks
-from .models import ModelSpec
+from .models import MaskableCNN, ModelSpec
 from .aggregation import worker_weight
 from .submodel import build_submodel, flat_params, num_params
 from .throttle import Throttle
@@ -112,8 +112,6 @@ class Worker:
         """Time training steps at every profiling configuration under this worker's throttle."""
         configs = profiling.configurations(self.spec)
         torch.manual_seed(self.cfg.run.seed)
-        from .models import MaskableCNN
-
         base = flat_params(MaskableCNN(self.spec))
         probe = Sampler(len(self.y), self.cfg.train.batch_size, self.cfg.run.seed + 1, self.index)
         models, samples, macs, mem = [], [[] for _ in configs], [], []
