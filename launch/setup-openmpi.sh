@@ -4,12 +4,7 @@
 # Python, plus torch and the project. The MPI tests run in it under mpiexec.openmpi.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# pip, quietly: its output only when it fails (this machine's pip config adds noise)
-pipq() {
-    local log; log=$(mktemp)
-    if ! "$@" >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; return 1; fi
-    rm -f "$log"
-}
+source launch/lib.sh
 VENV=${ELFISH_OPENMPI_VENV:-.venv-openmpi}
 TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -9,12 +9,7 @@
 #   ELFISH_EXTRAS  pip extras (default: test,mpich; use "test" on a cluster with its own MPI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# pip, quietly: its output only when it fails (this machine's pip config adds noise)
-pipq() {
-    local log; log=$(mktemp)
-    if ! "$@" >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; return 1; fi
-    rm -f "$log"
-}
+source launch/lib.sh
 VENV=${ELFISH_VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 EXTRAS=${ELFISH_EXTRAS:-test,mpich}
