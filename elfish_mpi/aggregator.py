@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,15 +36,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
             loss += float(F.cross_entropy(out, y[i : i + batch], reduction="sum"))
             correct += int((out.argmax(1) == y[i : i + batch]).sum())
     return correct / len(y), loss / len(y)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class Aggregator:
@@ -319,7 +309,7 @@ class Aggregator:
         w.writerow(names + keep_cols)
         for i in range(len(self.metrics["round"])):
             w.writerow([self.metrics[n][i] for n in names] + [f"{k:.4f}" for k in self.workers["keep_ratio"][i]])
-        write_text_atomic(self.out / "metrics.csv", buf.getvalue())
+        ckptmod.write_text_atomic(self.out / "metrics.csv", buf.getvalue())
 
     def summary(self) -> None:
         m = self.metrics

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import write_text_atomic
+
 from .config import STRATEGIES, Config, ConfigError, load_config, parse_override
 
 NAIVE_SUFFIX = "-naive"
@@ -876,12 +878,6 @@ def write_plots(results: list[RunResult], out: Path, *, prefix: str = "", title:
         plot_timeline(panels, timeline_rounds, out / f"{prefix}timeline.png", title=title, colors=colors)
         names.append(f"{prefix}timeline.png")
     return names
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- #

@@ -357,6 +357,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (metrics.csv, bench reports) atomically: a temporary file in
+    the same directory, fsync'ed, then renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     """Write ``ckpt`` to ``path`` atomically.
 

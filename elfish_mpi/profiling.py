@@ -21,7 +21,6 @@ from .models import ModelSpec
 UNIFORM_RATIOS = (1.0, 0.75, 0.5, 0.25)
 LAYER_RATIO = 0.5
 PASSES = 2  # timing passes over the configurations (median over all samples)
-FIELDS = ("step_time", "macs", "memory_bytes")
 
 
 def configurations(spec: ModelSpec) -> np.ndarray:
