@@ -199,7 +199,7 @@ def run(comm, args) -> int:
         return 2
 
     # -- workers attach their throttles; errors agreed on through rank 0 -------------
-    hosts = comm.comm.allgather(socket.gethostname())
+    hosts = comm.allgather_obj(socket.gethostname())
     throttle, work, error, detail = None, None, None, ""
     if comm.rank > 0:
         index = comm.rank - 1
@@ -216,7 +216,7 @@ def run(comm, args) -> int:
             error = str(exc)
         except Exception as exc:
             error = f"rank {comm.rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    reports = comm.comm.gather((error, detail), root=0)
+    reports = comm.gather_obj((error, detail))
     if comm.rank == 0:
         errors = [e for e, _ in reports[1:] if e]
         verdict = comm.bcast_obj({"error": errors[0] if errors else None})

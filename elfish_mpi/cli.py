@@ -285,8 +285,7 @@ def run_job(comm, setup: dict) -> int:
         error = f"rank {comm.rank}: {exc}"
     except Exception as exc:
         error = f"rank {comm.rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    errors = [e for e in comm.gather_obj(error) or [] if e]
-    verdict = comm.bcast_obj(errors[0] if errors else None)
+    verdict = comm.agree(error)
     if verdict:
         if comm.rank == 0:
             print(f"elfish-mpi: error: {verdict}", file=sys.stderr, flush=True)

@@ -65,12 +65,20 @@ class Comm:
         """Every rank's small object at rank 0 (start-up only)."""
         return self.comm.gather(obj, root=0)
 
+    def agree(self, error: str | None) -> str | None:
+        """Every rank's set-up error (or None) -> the first one, on every rank (start-up only)."""
+        errors = [e for e in (self.gather_obj(error) or []) if e]
+        return self.bcast_obj(errors[0] if errors else None)
+
     def barrier(self) -> None:
         self.wait(self.comm.Ibarrier())
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # The launcher forwards a rank's output asynchronously; an immediate abort can tear
+        # the job down before the message that explains it has reached the user.
+        time.sleep(0.5)
         self.comm.Abort(code)
 
     # -- tensors ------------------------------------------------------------
