@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from . import checkpoint as ckptmod
-from . import profiling, signals
+from . import profiling, supervisor, signals
 from .aggregation import combine, accumulate
 from .comm import Comm, RankFailure, RoundTimeout
 from .fleet import load_trace
@@ -111,6 +111,7 @@ class Aggregator:
         resume = self.setup.get("resume_ckpt")
         self.comm.barrier()  # every rank is up: round 1's clock starts after everyone's start-up
         if resume is None:
+            supervisor.note("while the workers profiled")
             t_prof = time.perf_counter()
             self.gather_profiles()
             self.profiles["profiling_time"] = np.array([time.perf_counter() - t_prof])
@@ -123,6 +124,7 @@ class Aggregator:
         self.pending = None
         for rnd in range(self.start_round + 1, cfg.run.rounds + 1):
             t0 = time.perf_counter()
+            supervisor.note(f"in round {rnd}")
             # 1. plan: what each worker trains (keep ratios, steps, limits), then this round's masks
             assignments = self.strategy.configure(rnd)
             ratios = [a.ratios for a in assignments]
@@ -140,9 +142,9 @@ class Aggregator:
             try:
                 self.comm.bcast_obj(plan, timeout=cfg.run.round_timeout)
                 self.comm.bcast_array(self.flat, cfg.run.round_timeout)
-            except RoundTimeout as exc:
+            except RoundTimeout as exc:  # (or StopTimeout: stopping, and a worker does not answer)
                 self.save_pending()
-                raise RoundTimeout(f"round {rnd}: {exc}") from None
+                raise type(exc)(f"round {rnd}: {exc}") from None
             if self.pending is not None:  # the last round's evaluation and checkpoint, overlapped
                 self.finish_round()
             # 3. collect the masked updates; drop late and non-finite ones; recover the global model

@@ -16,11 +16,12 @@ import time
 import traceback
 from pathlib import Path
 
+from . import supervisor
 from .config import Config, ConfigError, load_config, parse_override
 
 # Changes between a checkpoint's config and the resuming one that are safe.
 SAFE_RESUME_KEYS = {
-    "run.rounds", "run.out", "run.round_timeout", "run.eval_every", "run.threads", "run.overlap_eval",
+    "run.rounds", "run.out", "run.round_timeout", "run.stop_grace", "run.eval_every", "run.threads", "run.overlap_eval",
     "checkpoint.every", "checkpoint.keep", "data.path",
 }
 
@@ -226,10 +227,11 @@ def known_errors():
 
 def train(args) -> int:
     from . import signals
-    from .comm import Comm
+    from .comm import Comm, StopTimeout
 
     signals.install()
     comm = Comm()
+    supervisor.identify("the aggregator, rank 0" if comm.rank == 0 else f"worker rank {comm.rank}")
     setup, error = None, None
     if comm.rank == 0:
         try:
@@ -253,9 +255,14 @@ def train(args) -> int:
     except Exception as exc:
         known = known_errors()
         detail = "" if isinstance(exc, known) else "\n" + traceback.format_exc()
+        code = 1
+        if isinstance(exc, StopTimeout):  # told to stop, and the round could not finish in time
+            detail = f"; stopped without that round: continue with --resume {setup['config']['run']['out']}"
+            code = signals.EXIT_PREEMPTED
         print(f"elfish-mpi: rank {comm.rank}: {type(exc).__name__}: {exc}{detail}", file=sys.stderr, flush=True)
-        comm.abort(1)
-        return 1
+        supervisor.release()  # this rank has said why it ends
+        comm.abort(code)
+        return code
 
 
 def run_job(comm, setup: dict) -> int:
@@ -268,6 +275,8 @@ def run_job(comm, setup: dict) -> int:
 
     cfg = Config.from_dict(setup["config"])
     torch.set_num_threads(cfg.run.threads)
+    if comm.rank == 0:  # (a worker waits for rank 0, which may be writing the final checkpoint)
+        comm.stop_grace = cfg.run.stop_grace
     spec = get_spec(cfg.model.name, setup["num_classes"], tuple(setup["in_shape"]))
     # Every rank sets up its part; an error on any rank (a worker's data, its throttle) is
     # reported by rank 0 and every rank leaves with exit code 2, before any round.
@@ -339,10 +348,13 @@ def show_config(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":  # catch a stop signal from the very start, before the heavy imports
+    if argv and argv[0] == "train":
+        if supervisor.wanted():  # run the rank as a child, to name it if it dies without a word
+            return supervisor.run()
         from . import signals
 
-        signals.install()
+        signals.install()  # catch a stop signal from the very start, before the heavy imports
+        supervisor.attach()
     if argv and argv[0] in ("bench", "calibrate", "perf"):  # commands with parsers of their own
         import importlib
 

@@ -13,6 +13,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from . import signals
+
 TAG_STATS = 11
 TAG_VALUES = 12
 _POLL = 0.0005
@@ -26,32 +28,50 @@ class RankFailure(RuntimeError):
     """A worker rank failed (its process died or its connection broke)."""
 
 
+class StopTimeout(RoundTimeout):
+    """A stop signal arrived and the round under way did not finish within ``stop_grace``."""
+
+
 class Comm:
     def __init__(self, comm: MPI.Comm | None = None):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        # After a stop signal, no wait lasts more than this many seconds past the signal or its
+        # own start (StopTimeout): a job told to stop must not outlive its batch system's grace
+        # waiting for a rank that is dead.
+        self.stop_grace: float | None = None
+
+    def _stop_overdue(self, started: float) -> bool:
+        at = signals.requested_at() if self.stop_grace is not None else None
+        return at is not None and time.monotonic() > max(at, started) + self.stop_grace
+
+    def _stop_timeout(self, what: str) -> StopTimeout:
+        return StopTimeout(f"{signals.requested()} received, and {what} within run.stop_grace = {self.stop_grace:g} s")
 
     # -- waiting ------------------------------------------------------------
     def wait(self, req, timeout: float | None = None, what: str = "") -> None:
         """Complete a request by polling with short sleeps. A blocking MPI call busy-polls,
         which on an oversubscribed node takes a core away from the ranks doing real work.
         With ``timeout``, raise :class:`RoundTimeout` when it has not completed in time."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         while not req.Test():
             if deadline is not None and time.monotonic() > deadline:
                 raise RoundTimeout(f"{what} did not complete within run.round_timeout = {timeout:g} s")
+            if self._stop_overdue(started):
+                raise self._stop_timeout(f"{what or 'a transfer'} did not complete")
             time.sleep(_POLL)
 
     # -- control ------------------------------------------------------------
-    def bcast_obj(self, obj=None, timeout: float | None = None):
+    def bcast_obj(self, obj=None, timeout: float | None = None,
+                  what: str = "the broadcast of the round's plan (a worker rank stopped answering)"):
         """Broadcast a small picklable control message from rank 0 (polling, see :meth:`wait`)."""
         if self.rank == 0:
             payload = np.frombuffer(MPI.pickle.dumps(obj), dtype=np.uint8)
             n = np.array([payload.size], dtype=np.int64)
         else:
             n = np.zeros(1, dtype=np.int64)
-        what = "the broadcast of the round's plan (a worker rank stopped answering)"
         self.wait(self.comm.Ibcast(n, root=0), timeout, what)
         buf = np.array(payload, copy=True) if self.rank == 0 else np.empty(int(n[0]), dtype=np.uint8)
         self.wait(self.comm.Ibcast(buf, root=0), timeout, what)
@@ -103,7 +123,8 @@ class Comm:
 
     def _wait_all(self, requests: list, owners: list, timeout: float, what: str) -> None:
         pending = set(range(len(requests)))
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while pending:
             for i in list(pending):
                 try:
@@ -115,16 +136,17 @@ class Comm:
                     pending.discard(i)
             if not pending:
                 break
-            if time.monotonic() > deadline:
-                late = sorted({owners[i] for i in pending})
+            timed_out, stop = time.monotonic() > deadline, self._stop_overdue(started)
+            if timed_out or stop:
+                late = ", ".join(map(str, sorted({owners[i] for i in pending})))
                 for i in pending:  # withdraw the receives so that no late message lands in them
                     try:
                         requests[i].Cancel()
                     except MPI.Exception:
                         pass
-                raise RoundTimeout(
-                    f"no {what} from worker rank(s) {', '.join(map(str, late))} within run.round_timeout = {timeout:g} s"
-                )
+                if timed_out:
+                    raise RoundTimeout(f"no {what} from worker rank(s) {late} within run.round_timeout = {timeout:g} s")
+                raise self._stop_timeout(f"no {what} came from worker rank(s) {late}")
             time.sleep(_POLL)
 
     def recv_updates(self, sizes: list[int], stats_len: int, timeout: float) -> tuple[np.ndarray, list[np.ndarray]]:

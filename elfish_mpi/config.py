@@ -57,6 +57,11 @@ class RunConfig:
     seed: int = _doc("Seed for model initialisation, data partition, masks and data order.", 0)
     out: str = _doc("Run directory: checkpoint.h5, checkpoints/round-NNNNNN.h5, metrics.csv.", "runs/elfish")
     round_timeout: float = _doc("Seconds rank 0 waits for the workers' updates in one round before ending the job.", 600.0)
+    stop_grace: float = _doc(
+        "Seconds rank 0 still waits for the round under way after SIGTERM/SIGUSR1; past that the job "
+        "stops without that round (its last checkpoint kept, exit 75). Keep it below SLURM's KillWait.",
+        10.0,
+    )
     eval_every: int = _doc("Evaluate the global model on the test set every this many rounds (and at the last).", 1)
     threads: int = _doc("torch intra-op threads per rank (several ranks usually share the cores).", 1)
     overlap_eval: bool = _doc(
@@ -72,6 +77,7 @@ class RunConfig:
         if not isinstance(self.out, str) or not self.out.strip():
             raise ConfigError("run.out must be a non-empty path")
         _number("run.round_timeout", self.round_timeout, 0.0, 1e7, lo_open=True)
+        _number("run.stop_grace", self.stop_grace, 0.0, 1e7, lo_open=True)
         _positive_int("run.eval_every", self.eval_every)
         _positive_int("run.threads", self.threads)
         if not isinstance(self.overlap_eval, bool):

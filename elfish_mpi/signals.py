@@ -8,13 +8,14 @@ with a checkpoint, and every rank exits with :data:`EXIT_PREEMPTED`.
 from __future__ import annotations
 
 import signal
+import time
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; resume to continue
-_received: list[int] = []
+_received: list[tuple[int, float]] = []  # (signal, time.monotonic() when it arrived)
 
 
 def _handler(signum, frame) -> None:
-    _received.append(signum)
+    _received.append((signum, time.monotonic()))
 
 
 def install() -> None:
@@ -24,4 +25,9 @@ def install() -> None:
 
 def requested() -> str | None:
     """The name of the first stop signal received, or None."""
-    return signal.Signals(_received[0]).name if _received else None
+    return signal.Signals(_received[0][0]).name if _received else None
+
+
+def requested_at() -> float | None:
+    """When (``time.monotonic()``) the first stop signal arrived, or None."""
+    return _received[0][1] if _received else None

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from . import data as datamod
-from . import profiling, signals
+from . import profiling, supervisor, signals
 from .comm import Comm
 from .config import Config
 from .masking import keep_ratio, make_masks
@@ -188,11 +188,13 @@ class Worker:
         try:
             self.comm.barrier()  # every worker starts (timing) at once, under the same load
             if do_profile:
+                supervisor.note("while profiling")
                 self.comm.gather_rows(self.profile())
             while True:
                 plan = self.comm.bcast_obj(None)
                 if plan["stop"]:
                     return
+                supervisor.note(f"in round {plan['round']}")
                 self.comm.bcast_array(self.flat)
                 cap = plan["capacity"][self.index]
                 if cap != self.throttle.capacity:
@@ -205,5 +207,6 @@ class Worker:
                 else:
                     self.comm.send_stats(stats)
                     self.comm.reduce_sum(payload, self.cfg.run.round_timeout)
+                supervisor.note(f"after its update of round {plan['round']}, before round {plan['round'] + 1}'s plan arrived")
         finally:
             self.throttle.detach()

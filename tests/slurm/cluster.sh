@@ -161,6 +161,9 @@ SchedulerType=sched/builtin
 # Test pending jobs every 2 s (default 60 s), so a requeued job starts soon after its begin time.
 SchedulerParameters=sched_interval=2
 MpiDefault=pmi2
+# Job ids of their own per cluster: a job killed in an earlier cluster may have left MPICH
+# shared-memory segments whose names derive from the job id, which a new job 1 would meet.
+FirstJobId=$(( RANDOM * 1000 + 1000 ))
 JobRequeue=1
 KillWait=30
 ReturnToService=2

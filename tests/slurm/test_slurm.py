@@ -1,7 +1,8 @@
 """launch/slurm/elfish.sbatch on a real one-node SLURM cluster (tests/slurm/cluster.sh).
 
 Checks that srun --mpi=pmi2 starts one MPI world with the MPICH wheel, that sweep.sbatch
-maps array tasks to (strategy, seed), and preempts a running job twice over: `scontrol requeue` (SLURM sends SIGTERM to the tasks and
+maps array tasks to (strategy, seed), that a worker killed under srun is named and ends the
+job, and preempts a running job twice over: `scontrol requeue` (SLURM sends SIGTERM to the tasks and
 requeues the job itself) and `scancel --batch --signal=USR1` (the time-limit warning: the
 batch script forwards it, the run checkpoints and the script requeues its own job). Each
 time the job must restart, resume from its checkpoint and finish with a model bitwise
@@ -267,6 +268,68 @@ def test_usr1_checkpoints_requeues_itself_and_resumes_bitwise(cluster, config, r
     text = output.read_text(errors="replace")
     assert f"requeueing job {jobid}" in text, text
     assert int(info["Restarts"]) == 1
+
+
+def slurm_rank_pid(jobid: str, rank: int) -> int | None:
+    """The pid of MPI rank ``rank``'s training process in SLURM job ``jobid`` (not its
+    supervisor, elfish_mpi.supervisor): PMI_RANK and ELFISH_SUPERVISOR_FD in its environment."""
+    want = {f"SLURM_JOB_ID={jobid}".encode(), f"PMI_RANK={rank}".encode()}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if want <= set(env) and any(e.startswith(b"ELFISH_SUPERVISOR_FD=") for e in env):
+            return int(entry)
+    return None
+
+
+def test_killed_worker_is_named_and_ends_the_job(cluster, config, tmp_path):
+    """SIGKILL to worker rank 2 under srun: the output names the rank, its pid and the round,
+    srun (--kill-on-bad-exit) ends the job within KillWait, and the checkpoint is intact."""
+    from elfish_mpi import checkpoint as ckptmod
+
+    # Prepare: a long run, past round 2's checkpoint
+    run = tmp_path / "run"
+    out = cluster.run(
+        "sbatch", "--parsable", f"--ntasks={RANKS}",
+        f"--export=ALL,ELFISH_CONFIG={config},ELFISH_OUT={run},ELFISH_ARGS=--set run.rounds=1000",
+        str(SBATCH), cwd=tmp_path,
+    )
+    jobid = out.strip().split(";")[0]
+    output = tmp_path / f"elfish-{jobid}.out"
+
+    def diagnose():
+        return f"job: {cluster.job(jobid)}\n--- {output.name}\n{_tail(output, 60)}\n{cluster.logs()}"
+
+    wait_for("round 2's checkpoint", lambda: latest_round(run) >= 2, 300, 0.2, diagnose)
+    victim = wait_for("worker rank 2's process", lambda: slurm_rank_pid(jobid, 2), 30, 0.2, diagnose)
+
+    # Execute
+    os.kill(victim, 9)
+    t_kill = time.monotonic()
+    wait_for("the job to end", lambda: cluster.job(jobid).get("JobState") not in ("RUNNING", "PENDING", "COMPLETING"),
+             120, 0.2, diagnose)
+    elapsed = time.monotonic() - t_kill
+
+    # Assert: srun (--kill-on-bad-exit) cancels the step: SIGTERM, and SIGKILL KillWait later.
+    # Rank 0 stops waiting run.stop_grace (10 s) after the SIGTERM and says so; the other
+    # worker, waiting for rank 0, goes at KillWait at the latest.
+    kill_wait = int(re.search(r"KillWait\s*=\s*(\d+)", cluster.run("scontrol", "show", "config")).group(1))
+    text = output.read_text(errors="replace")
+    assert elapsed < kill_wait + 15, f"the job took {elapsed:.1f} s to end (KillWait {kill_wait} s)\n{diagnose()}"
+    assert "SIGTERM received, and " in text and "within run.stop_grace = 10 s; stopped without that round" in text, text
+    assert cluster.job(jobid)["JobState"] == "FAILED", diagnose()
+    m = re.search(rf"elfish-mpi: error: worker rank 2 \(pid {victim} on \S+\) was killed by signal 9 \(SIGKILL\): "
+                  r"by a person, the batch system or the out-of-memory killer (in round \d+|after its update of round)", text)
+    assert m, text
+    assert text.count("was killed by signal") == 1, text
+    assert "Traceback" not in text, text
+    ck = ckptmod.validate(run / "checkpoint.h5")
+    assert ck.round >= 2
 
 
 def test_sweep_maps_array_tasks_to_strategy_and_seed(cluster, tmp_path):

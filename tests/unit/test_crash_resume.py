@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pytest
 
 from elfish_mpi import checkpoint as ck
 from elfish_mpi.checkpoint import Checkpoint, CheckpointError
+from proc_tools import alive, clean_env, descendants, mpiexec, rank_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests" / "data" / "fashion-mnist"
@@ -236,57 +236,12 @@ def test_writer_killed_at_random_moments_leaves_a_valid_newest_checkpoint(tmp_pa
 # --------------------------------------------------------------------------- SIGKILL to a whole MPI job
 
 
-def mpiexec() -> str:
-    local = Path(sys.executable).with_name("mpiexec")
-    return str(local) if local.exists() else (shutil.which("mpiexec") or "mpiexec")
-
-
-def clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_LOCALRANK"))}
-
-
 def job_args(out: Path, rounds: int) -> list[str]:
     return [
         "--out", str(out), "--set", f"data.path={SAMPLE}", "--set", "data.test_samples=200",
         "--set", "data.max_samples=300", "--set", f"run.rounds={rounds}", "--set", "train.local_steps=2",
         "--set", "workers.throttle=none", "--set", "checkpoint.every=1", "--set", "checkpoint.keep=3",
     ]
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    children.setdefault(int(fh.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    found, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def rank0_pid(pids: list[int]) -> int | None:
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if b"PMI_RANK=0" in fh.read().split(b"\0"):
-                    return pid
-        except OSError:
-            pass
-    return None
 
 
 def kill_job(proc: subprocess.Popen) -> list[int]:
@@ -355,13 +310,13 @@ def test_job_killed_at_random_moments_resumes_every_time_and_completes(tmp_path:
                     assert proc.poll() is None, f"trial {trial}: job ended before the kill:\n{log.read_text()}"
 
                 wait_until(lambda: newest_round_file(out) > base, 0.02)  # resumed and checkpointed a new round
-                writer = rank0_pid(descendants(proc.pid))
+                writer = rank_pids(proc.pid).get(0)
                 if mode == "in-write":  # the next write has begun: kill inside it
                     wait_until(lambda: writing(out, writer), 0.002)
                     time.sleep(rng.uniform(0.0, 0.01))
                 else:
                     time.sleep(rng.uniform(0.0, 0.6))
-            this_rank0 = rank0_pid(descendants(proc.pid))
+            this_rank0 = rank_pids(proc.pid).get(0)
         finally:
             killed = kill_job(proc)
         text = log.read_text()
