@@ -4,7 +4,7 @@ for the tests that kill, stop or signal them (test_faults, test_crash_resume).
 Each rank runs under a supervisor (elfish_mpi.supervisor): mpiexec starts the supervisor,
 which runs the rank as its child with ELFISH_SUPERVISOR_FD set (in /proc/PID/environ,
 the environment the process started with, even after the rank has taken it out). ``rank_pids`` returns the
-ranks themselves, found by PMI_RANK in their environment.
+ranks themselves, found by PMI_RANK (or Open MPI's OMPI_COMM_WORLD_RANK) in their environment.
 """
 from __future__ import annotations
 
@@ -59,15 +59,19 @@ def _environ(pid: int) -> list[bytes]:
         return []
 
 
+RANK_VARS = (b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")  # MPICH's hydra and SLURM; Open MPI
+
+
 def is_rank(pid: int) -> bool:
     """The process runs a rank's training (not the supervisor around it)."""
     env = _environ(pid)
     supervised = any(e.startswith(b"ELFISH_SUPERVISOR_FD=") for e in env)
-    return any(e.startswith(b"PMI_RANK=") for e in env) and (supervised or b"ELFISH_SUPERVISE=0" in env)
+    return any(e.startswith(RANK_VARS) for e in env) and (supervised or b"ELFISH_SUPERVISE=0" in env)
 
 
 def rank_pids(root: int) -> dict[int, int]:
-    """MPI rank -> pid of each rank's training process below ``root`` (rank from PMI_RANK)."""
+    """MPI rank -> pid of each rank's training process below ``root`` (rank from PMI_RANK or
+    OMPI_COMM_WORLD_RANK)."""
     ranks = {}
     for pid in descendants(root):
         try:
@@ -78,8 +82,9 @@ def rank_pids(root: int) -> dict[int, int]:
             continue
         if is_rank(pid):
             for item in _environ(pid):
-                if item.startswith(b"PMI_RANK="):
-                    ranks[int(item[len(b"PMI_RANK="):])] = pid
+                for var in RANK_VARS:
+                    if item.startswith(var):
+                        ranks[int(item[len(var):])] = pid
     return ranks
 
 

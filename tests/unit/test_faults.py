@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,9 +42,16 @@ def job_args(out: Path, rounds: int, *extra: str) -> list[str]:
     ]
 
 
-def train_cmd(n: int, *args: str, shim: str | None = None) -> list[str]:
+def train_cmd(n: int, *args: str, shim: str | None = None, launcher: list[str] | None = None) -> list[str]:
+    """``launcher``: the MPI launcher and the Python to run (default: this Python's mpiexec)."""
     entry = ["-c", shim] if shim else ["-m", "elfish_mpi"]
-    return [mpiexec(), "-n", str(n), sys.executable, *entry, "train", *args]
+    launcher = launcher or [mpiexec(), "-n", str(n), sys.executable]
+    return [*launcher, *entry, "train", *args]
+
+
+# Debian's Open MPI and a Python whose mpi4py is built against it (launch/setup-openmpi.sh).
+OPENMPI_PYTHON = Path(os.environ.get("ELFISH_OPENMPI_PYTHON", ROOT / ".venv-openmpi" / "bin" / "python"))
+OPENMPI_MPIEXEC = shutil.which("mpiexec.openmpi")
 
 
 # Runs `elfish-mpi train` with worker rank RANK failing so that it never delivers its update of
@@ -97,12 +105,13 @@ def run_job(n: int, *args: str, env: dict | None = None) -> subprocess.Completed
 class Job:
     """A training job started in the background, output going to files."""
 
-    def __init__(self, tmp: Path, n: int, args: list[str], env: dict | None = None, shim: str | None = None):
+    def __init__(self, tmp: Path, n: int, args: list[str], env: dict | None = None, shim: str | None = None,
+                 launcher: list[str] | None = None):
         self.n = n
         self.out_path, self.err_path = tmp / "job.stdout", tmp / "job.stderr"
         with open(self.out_path, "w") as so, open(self.err_path, "w") as se:
-            self.proc = subprocess.Popen(train_cmd(n, *args, shim=shim), stdout=so, stderr=se, env=env or clean_env(),
-                                         cwd=ROOT, start_new_session=True)
+            self.proc = subprocess.Popen(train_cmd(n, *args, shim=shim, launcher=launcher), stdout=so, stderr=se,
+                                         env=env or clean_env(), cwd=ROOT, start_new_session=True)
         self.pids: dict[int, int] = {}
         self.t_start = time.monotonic()
 
@@ -220,6 +229,32 @@ def test_killed_worker_ends_the_job_and_keeps_the_checkpoint(tmp_path, jobs):
     assert text.count("was killed by signal") == 1, text
     assert "Traceback" not in text, text
     assert "YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)" in text, text
+
+
+@pytest.mark.skipif(not (OPENMPI_PYTHON.exists() and OPENMPI_MPIEXEC),
+                    reason="needs mpiexec.openmpi and ELFISH_OPENMPI_PYTHON (launch/setup-openmpi.sh makes .venv-openmpi)")
+def test_killed_worker_is_named_under_open_mpi(tmp_path, jobs):
+    # Prepare: as above, under Debian's Open MPI
+    out = tmp_path / "run"
+    launcher = [OPENMPI_MPIEXEC, "--oversubscribe", "-n", "3", str(OPENMPI_PYTHON)]
+    env = clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    job = Job(tmp_path, 3, job_args(out, 200), env=env, launcher=launcher,
+              shim=STALL_SHIM.format(rank=2, round=3, where="between-rounds"))
+    jobs.append(job)
+    pids = job.ranks()
+    job.wait_for("worker rank 2 to hold", lambda: stopped(pids[2]))
+
+    # Execute
+    os.kill(pids[2], signal.SIGKILL)
+    text = check_killed_job(job, time.monotonic(), out)
+
+    # Assert: named by its supervisor, once; Open MPI names the rank too
+    assert (f"elfish-mpi: error: worker rank 2 (pid {pids[2]} on {os.uname().nodename}) was killed by signal 9 "
+            "(SIGKILL): by a person, the batch system or the out-of-memory killer after its update of round 2, "
+            "before round 3's plan arrived\n") in text, text
+    assert text.count("was killed by signal") == 1, text
+    assert "Traceback" not in text, text
+    assert "noticed that process rank 2 with PID" in text, text
 
 
 def test_worker_killed_while_sending_its_update_is_named(tmp_path, jobs):
