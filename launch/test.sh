@@ -28,7 +28,7 @@ if [ "${ELFISH_TEST_OPENMPI:-1}" != 0 ] && bash launch/setup-openmpi.sh; then
         "${ELFISH_OPENMPI_VENV:-.venv-openmpi}/bin/python" -m pytest -p no:cacheprovider -q --with-mpi tests/mpi
     echo "== a worker killed under Open MPI is named"
     ELFISH_OPENMPI_PYTHON="${ELFISH_OPENMPI_VENV:-.venv-openmpi}/bin/python" \
-        "${ELFISH_VENV:-.venv}/bin/python" -m pytest -p no:cacheprovider -q -rs tests/unit/test_faults.py -k open_mpi
+        "${ELFISH_VENV:-.venv}/bin/python" -m pytest -p no:cacheprovider -q -rs tests/unit/test_faults.py -k killed_worker_ends
 elif [ "${ELFISH_TEST_OPENMPI:-1}" != 0 ]; then
     echo "== Open MPI not available here: its MPI test pass is skipped"
 fi
