@@ -11,6 +11,8 @@ A layer with ratio 1 keeps every neuron under every policy.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .models import ModelSpec
@@ -20,7 +22,9 @@ _MASK_STREAM = 0x6D61736B  # separates the mask RNG stream from other seeded str
 
 
 def keep_count(width: int, ratio: float) -> int:
-    return int(min(width, max(1, round(width * ratio))))
+    """Neurons kept of ``width`` at keep ratio ``ratio``: at least that share (rounded up, so a
+    floor such as ``strategy.min_keep`` holds per layer), at least one, at most all."""
+    return int(min(width, max(1, math.ceil(width * ratio - 1e-9))))
 
 
 def select(policy: str, width: int, k: int, *, seed: int, round: int, worker: int, layer: int) -> np.ndarray:

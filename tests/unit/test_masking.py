@@ -26,6 +26,9 @@ torch.set_num_threads(1)
         (20, 1.7, 20),  # never above the width
         (500, 0.75, 375),
         (1, 0.25, 1),
+        (50, 0.25, 13),  # rounded up: 12 would be 24% < the 25% asked for
+        (384, 0.3, 116),  # 115.2 -> 116
+        (100, 0.07, 7),  # 7.000000000000001 in floating point: still 7
     ],
 )
 def test_keep_count(width, ratio, expected):
@@ -38,6 +41,9 @@ def test_keep_count_bounds_over_a_grid():
             k = keep_count(width, float(ratio))
             assert isinstance(k, int)
             assert 1 <= k <= width
+            if 0 < ratio <= 1:
+                assert k >= width * ratio - 1e-9  # never below the ratio asked for
+                assert k - 1 < max(width * ratio, 1)  # and no more than one neuron above it
 
 
 # -- random policy ---------------------------------------------------------------
