@@ -1,6 +1,7 @@
 """End-to-end training on real ranks, in-process on COMM_WORLD.
 
 Run with `mpiexec -n 3 python -m pytest --with-mpi tests/mpi` (any size >= 3 works)."""
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,10 +19,23 @@ WORLD = MPI.COMM_WORLD
 WORKERS = WORLD.size - 1
 
 
+_made: list[str] = []
+
+
 def shared_dir() -> Path:
-    """One temporary directory, named by rank 0, for every rank."""
+    """One temporary directory, named by rank 0, for every rank (removed after the module)."""
     path = tempfile.mkdtemp(prefix="elfish-test-") if WORLD.rank == 0 else None
+    _made.append(path)
     return Path(WORLD.bcast(path, root=0))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_shared_dirs():
+    yield
+    WORLD.Barrier()  # every rank is done with them
+    if WORLD.rank == 0:
+        for path in _made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def train(out: Path, *extra: str, rounds: int = 2) -> int:
