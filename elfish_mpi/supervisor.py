@@ -63,6 +63,7 @@ def run(argv: list[str] | None = None) -> int:
         child = subprocess.Popen([sys.executable, *argv[1:]], env=env, close_fds=False)
     except OSError as exc:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(read_end)
         print(f"elfish-mpi: error: cannot start the rank ({exc}); ELFISH_SUPERVISE=0 runs it without a supervisor",
               file=sys.stderr, flush=True)
         return 2
