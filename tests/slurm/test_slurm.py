@@ -315,13 +315,15 @@ def test_killed_worker_is_named_and_ends_the_job(cluster, config, tmp_path):
              120, 0.2, diagnose)
     elapsed = time.monotonic() - t_kill
 
-    # Assert: srun (--kill-on-bad-exit) cancels the step: SIGTERM, and SIGKILL KillWait later.
-    # Rank 0 stops waiting run.stop_grace (10 s) after the SIGTERM and says so; the other
-    # worker, waiting for rank 0, goes at KillWait at the latest.
+    # Assert: srun (--kill-on-bad-exit) cancels the step: SIGTERM, and SIGKILL KillWait later;
+    # the other worker, waiting for rank 0, goes at KillWait at the latest.
     kill_wait = int(re.search(r"KillWait\s*=\s*(\d+)", cluster.run("scontrol", "show", "config")).group(1))
     text = output.read_text(errors="replace")
     assert elapsed < kill_wait + 15, f"the job took {elapsed:.1f} s to end (KillWait {kill_wait} s)\n{diagnose()}"
-    assert "SIGTERM received, and " in text and "within run.stop_grace = 10 s; stopped without that round" in text, text
+    # Rank 0 either finished the round under way (the worker had delivered its update) and
+    # stopped cleanly, or gave up on it after run.stop_grace; either way it said so.
+    assert ("SIGTERM received: stopped after round" in text
+            or ("SIGTERM received, and " in text and "within run.stop_grace = 10 s; stopped without that round" in text)), text
     assert cluster.job(jobid)["JobState"] == "FAILED", diagnose()
     m = re.search(rf"elfish-mpi: error: worker rank 2 \(pid {victim} on \S+\) was killed by signal 9 \(SIGKILL\): "
                   r"by a person, the batch system or the out-of-memory killer (in round \d+|after its update of round)", text)
