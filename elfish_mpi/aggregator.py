@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from . import checkpoint as ckptmod
-from . import profiling, supervisor, signals
+from . import profiling, signals, supervisor
 from .aggregation import combine, accumulate
 from .comm import Comm, RankFailure, RoundTimeout
 from .fleet import load_trace
@@ -25,6 +25,7 @@ from .strategies import make_strategy
 from .submodel import flat_from_state_dict, flat_params, load_flat, param_index, state_dict_from_flat
 from .worker import STATS
 
+STOP_BCAST = "the broadcast that ends the run (a worker rank stopped answering)"
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
@@ -175,9 +176,9 @@ class Aggregator:
                     f"continue with --resume {self.out}",
                     flush=True,
                 )
-                self.comm.bcast_obj({"stop": True})
+                self.comm.bcast_obj({"stop": True}, what=STOP_BCAST)
                 return signals.EXIT_PREEMPTED
-        self.comm.bcast_obj({"stop": True})
+        self.comm.bcast_obj({"stop": True}, what=STOP_BCAST)
         self.summary()
         return 0
 

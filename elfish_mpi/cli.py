@@ -315,7 +315,7 @@ def run_job(comm, setup: dict) -> int:
         role.run(do_profile=not setup["resume"])
         code = 0
     # Every rank leaves with rank 0's verdict (0: done, EXIT_PREEMPTED: stopped by a signal).
-    return int(comm.bcast_obj(code))
+    return int(comm.bcast_obj(code, what="the broadcast of the exit code (a worker rank stopped answering)"))
 
 
 # ---------------------------------------------------------------------- inspection

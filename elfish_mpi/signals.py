@@ -2,8 +2,10 @@
 
 SLURM sends SIGTERM to every task when it preempts or requeues a job (and SIGKILL after
 ``KillWait``), and ``#SBATCH --signal=B:USR1@T`` warns the batch script T seconds before the
-time limit. Every rank records the request; rank 0 ends the run after the current round,
-with a checkpoint, and every rank exits with :data:`EXIT_PREEMPTED`.
+time limit. Every rank records the request (and when it came); rank 0 ends the run after
+the current round, with a checkpoint, and every rank exits with :data:`EXIT_PREEMPTED`. A
+round that cannot finish within ``run.stop_grace`` of the signal (a rank is dead or stuck)
+is given up: rank 0 says so and aborts the job with the same code, its last checkpoint kept.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from . import data as datamod
-from . import profiling, supervisor, signals
+from . import profiling, signals, supervisor
 from .comm import Comm
 from .config import Config
 from .masking import keep_ratio, make_masks
