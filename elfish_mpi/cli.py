@@ -256,8 +256,9 @@ def train(args) -> int:
         known = known_errors()
         detail = "" if isinstance(exc, known) else "\n" + traceback.format_exc()
         code = 1
-        if isinstance(exc, StopTimeout):  # told to stop, and the round could not finish in time
-            detail = f"; stopped without that round: continue with --resume {setup['config']['run']['out']}"
+        if isinstance(exc, StopTimeout):  # told to stop, and rank 0 could not finish in time
+            dropped = "; stopped without that round" if str(exc).startswith("round ") else "; stopped"
+            detail = f"{dropped}: continue from the last checkpoint with --resume {setup['config']['run']['out']}"
             code = signals.EXIT_PREEMPTED
         print(f"elfish-mpi: rank {comm.rank}: {type(exc).__name__}: {exc}{detail}", file=sys.stderr, flush=True)
         supervisor.release()  # this rank has said why it ends
@@ -347,9 +348,10 @@ def show_config(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # (called by the `elfish-mpi` script or `python -m elfish_mpi`)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        if supervisor.wanted():  # run the rank as a child, to name it if it dies without a word
+        if as_program and supervisor.wanted():  # run the rank as a child, to name it if it dies without a word
             return supervisor.run()
         from . import signals
 

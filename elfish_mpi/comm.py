@@ -37,17 +37,17 @@ class Comm:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        # After a stop signal, no wait lasts more than this many seconds past the signal or its
-        # own start (StopTimeout): a job told to stop must not outlive its batch system's grace
-        # waiting for a rank that is dead.
+        # After SIGTERM, no wait lasts more than this many seconds past the signal or its own
+        # start (StopTimeout): a job told to stop must not outlive its batch system's grace
+        # waiting for a rank that is dead. (SIGUSR1, an early warning, has no such limit.)
         self.stop_grace: float | None = None
 
     def _stop_overdue(self, started: float) -> bool:
-        at = signals.requested_at() if self.stop_grace is not None else None
+        at = signals.terminated_at() if self.stop_grace is not None else None
         return at is not None and time.monotonic() > max(at, started) + self.stop_grace
 
     def _stop_timeout(self, what: str) -> StopTimeout:
-        return StopTimeout(f"{signals.requested()} received, and {what} within run.stop_grace = {self.stop_grace:g} s")
+        return StopTimeout(f"SIGTERM received, and {what} within run.stop_grace = {self.stop_grace:g} s")
 
     # -- waiting ------------------------------------------------------------
     def wait(self, req, timeout: float | None = None, what: str = "") -> None:

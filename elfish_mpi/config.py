@@ -58,9 +58,10 @@ class RunConfig:
     out: str = _doc("Run directory: checkpoint.h5, checkpoints/round-NNNNNN.h5, metrics.csv.", "runs/elfish")
     round_timeout: float = _doc("Seconds rank 0 waits for the workers' updates in one round before ending the job.", 600.0)
     stop_grace: float = _doc(
-        "Seconds rank 0 still waits for the round under way after SIGTERM/SIGUSR1; past that the job "
-        "stops without that round (its last checkpoint kept, exit 75). Keep it below SLURM's KillWait.",
-        10.0,
+        "After SIGTERM, seconds a wait of rank 0 may still last (from the signal, or from the wait's "
+        "start if later); past that the job stops without the round under way (its last checkpoint "
+        "kept, exit 75). Keep it below SLURM's KillWait. SIGUSR1 has no such limit.",
+        20.0,
     )
     eval_every: int = _doc("Evaluate the global model on the test set every this many rounds (and at the last).", 1)
     threads: int = _doc("torch intra-op threads per rank (several ranks usually share the cores).", 1)

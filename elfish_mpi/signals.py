@@ -3,9 +3,10 @@
 SLURM sends SIGTERM to every task when it preempts or requeues a job (and SIGKILL after
 ``KillWait``), and ``#SBATCH --signal=B:USR1@T`` warns the batch script T seconds before the
 time limit. Every rank records the request (and when it came); rank 0 ends the run after
-the current round, with a checkpoint, and every rank exits with :data:`EXIT_PREEMPTED`. A
-round that cannot finish within ``run.stop_grace`` of the signal (a rank is dead or stuck)
-is given up: rank 0 says so and aborts the job with the same code, its last checkpoint kept.
+the current round, with a checkpoint, and every rank exits with :data:`EXIT_PREEMPTED`.
+After SIGTERM, SIGKILL follows; a wait of rank 0 that has not ended ``run.stop_grace``
+seconds after the SIGTERM (a rank is dead or stuck) is given up: rank 0 says so and aborts
+the job with the same code, its last checkpoint kept.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def requested() -> str | None:
     return signal.Signals(_received[0][0]).name if _received else None
 
 
-def requested_at() -> float | None:
-    """When (``time.monotonic()``) the first stop signal arrived, or None."""
-    return _received[0][1] if _received else None
+def terminated_at() -> float | None:
+    """When (``time.monotonic()``) the first SIGTERM arrived, or None. SIGTERM is followed by
+    SIGKILL (SLURM's KillWait); SIGUSR1 is an early warning, with time to finish the round."""
+    return next((t for sig, t in _received if sig == signal.SIGTERM), None)

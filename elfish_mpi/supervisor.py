@@ -9,12 +9,15 @@ who it is and what it is doing ("worker rank 2", "in round 3"), and ``release`` 
 exit it makes on its own terms (MPI_Abort after an error it has reported). When the rank
 ends by a signal instead, the supervisor, being its parent, knows which one, prints
 
-    elfish-mpi: error: worker rank 2 (pid 4242 on node7) was killed by signal 9 (SIGKILL) in round 3
+    elfish-mpi: error: worker rank 2 (pid 4242 on node7) was killed by signal 9 (SIGKILL): by a
+    person, the batch system or the out-of-memory killer in round 3
 
 and then ends by the same signal, so that the launcher sees what it would have seen
 without it and cleans up the job. The launcher cannot notice the death before the
 supervisor has spoken, and when it kills the other ranks it kills their supervisors with
-them (same process group), so only the rank that died first is named.
+them (same process group), so only the rank that died first is named. A signal that came
+to the supervisor too (a Ctrl-C or SIGHUP that the launcher sends every process) is passed
+on and is no news: the supervisor then ends by it without a message.
 
 The supervisor never imports MPI or torch. The rank dies with its supervisor
 (``PR_SET_PDEATHSIG``). ``ELFISH_SUPERVISE=0`` in the environment runs the rank directly.
@@ -27,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 ENV_FD = "ELFISH_SUPERVISOR_FD"  # set for the rank: the pipe it writes its notes to
 ENV_PID = "ELFISH_SUPERVISOR_PID"
@@ -52,6 +56,7 @@ def run(argv: list[str] | None = None) -> int:
     """Run this process's command line again as a child and wait for it. Returns the child's
     exit code; a child ended by a signal is reported, then this process ends by that signal."""
     argv = list(sys.orig_argv if argv is None else argv)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an ignored SIGCHLD (inherited) hides exit codes
     read_end, write_end = os.pipe()
     os.set_inheritable(write_end, True)
     env = dict(os.environ, **{ENV_FD: str(write_end), ENV_PID: str(os.getpid())})
@@ -61,46 +66,82 @@ def run(argv: list[str] | None = None) -> int:
     try:
         # close_fds=False: the launcher's descriptors (PMI's socket among them) go to the rank.
         child = subprocess.Popen([sys.executable, *argv[1:]], env=env, close_fds=False)
-    except OSError as exc:
+    except Exception as exc:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(read_end)
-        print(f"elfish-mpi: error: cannot start the rank ({exc}); ELFISH_SUPERVISE=0 runs it without a supervisor",
-              file=sys.stderr, flush=True)
+        _say(f"elfish-mpi: error: cannot start the rank ({exc}); ELFISH_SUPERVISE=0 runs it without a supervisor")
         return 2
     finally:
         os.close(write_end)
+    received: set[int] = set()  # signals that came to this process and were passed on
+
+    def forward(signum, frame):
+        received.add(signum)
+        try:
+            child.send_signal(signum)
+        except OSError:
+            pass
+
+    # The notes are read in a thread (a process forked by the rank may hold the pipe open
+    # after the rank has died, so its end of file cannot be what this process waits for).
+    # Started while the stop signals are blocked, the thread keeps them blocked: they go to
+    # the main thread, whose wait they interrupt, and whose handler passes them on.
+    notes = _Notes(read_end, default_who())
     for sig in FORWARD:
-        signal.signal(sig, lambda signum, frame: _forward(child, signum))
+        signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    who, where, released = "an elfish-mpi process", "during start-up", False
-    buf = b""
-    with os.fdopen(read_end, "rb", buffering=0) as notes:
-        while chunk := notes.read(4096):  # end of file: the rank has exited
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                key, _, value = line.partition(b" ")
-                text = value.decode("utf-8", "replace")
-                if key == b"who":
-                    who = text
-                elif key == b"at":
-                    where = text
-                elif line == RELEASE:
-                    released = True
     code = child.wait()
-    if code >= 0 or released:
+    notes.join()
+    if code >= 0 or notes.released:
         return code if code >= 0 else 128 - code
     sig = -code
-    print(f"elfish-mpi: error: {who} (pid {child.pid} on {socket.gethostname()}) was {_how(sig)} {where}",
-          file=sys.stderr, flush=True)
+    if sig not in received:  # (a signal sent to every process of the job is no news)
+        _say(f"elfish-mpi: error: {notes.who} (pid {child.pid} on {socket.gethostname()}) was {_how(sig)} {notes.where}")
     _die_by(sig)
     return 128 + sig  # not reached
 
 
-def _forward(child: subprocess.Popen, signum: int) -> None:
+class _Notes(threading.Thread):
+    """Reads the rank's notes ("who ...", "at ...", "release") until the pipe closes."""
+
+    def __init__(self, fd: int, who: str):
+        super().__init__(name="elfish-supervisor-notes", daemon=True)
+        self.fd, self.who, self.where, self.released = fd, who, "during start-up", False
+        self.start()
+
+    def run(self) -> None:
+        buf = b""
+        with os.fdopen(self.fd, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(4096):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    key, _, value = line.partition(b" ")
+                    text = value.decode("utf-8", "replace")
+                    if key == b"who":
+                        self.who = text
+                    elif key == b"at":
+                        self.where = text
+                    elif line == RELEASE:
+                        self.released = True
+
+    def join(self, timeout: float = 1.0) -> None:
+        """Wait for the notes the rank wrote before it ended (they are in the pipe already)."""
+        super().join(timeout)
+
+
+def default_who() -> str:
+    """The rank as the launcher numbered it, for a death before the rank has said who it is."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return f"rank {os.environ[var]}"
+    return "an elfish-mpi process"
+
+
+def _say(line: str) -> None:
     try:
-        child.send_signal(signum)
-    except OSError:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # the launcher's end of stderr is gone
         pass
 
 
@@ -136,13 +177,18 @@ def attach() -> None:
     the stop signals through (call after installing their handlers)."""
     global _fd
     if ENV_FD in os.environ:
-        fd = int(os.environ.pop(ENV_FD))
-        parent = int(os.environ.pop(ENV_PID, "0"))
-        os.set_inheritable(fd, False)  # not to processes this rank starts
-        _die_with_parent()
-        if os.getppid() != parent:  # the supervisor was gone before the line above
-            os._exit(1)
-        _fd = fd
+        try:
+            fd, parent = int(os.environ.pop(ENV_FD)), int(os.environ.pop(ENV_PID, "0"))
+            os.set_inheritable(fd, False)  # not to processes this rank starts
+        except (ValueError, OSError):  # not a pipe from a supervisor: run unsupervised
+            fd = None
+        if fd is not None:
+            _die_with_parent()
+            if os.getppid() != parent:  # the supervisor was gone before the line above
+                print(f"elfish-mpi: error: rank process {os.getpid()}: its supervisor (pid {parent}) is gone",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+            _fd = fd
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARD)
 
 

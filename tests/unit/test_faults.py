@@ -85,10 +85,10 @@ def send_update(self, stats, values):
     _send(self, stats, values)
     _sent[0] += 1
 
-def bcast_obj(self, obj=None, timeout=None):
+def bcast_obj(self, *args, **kwargs):
     if WHERE == "between-rounds" and self.rank == RANK and _sent[0] == ROUND - 1:
         os.kill(os.getpid(), signal.SIGSTOP)
-    return _bcast(self, obj, timeout)
+    return _bcast(self, *args, **kwargs)
 
 _worker.Worker.train_round = train_round
 _comm.Comm.send_update = send_update
@@ -365,10 +365,34 @@ def test_stop_signal_while_a_worker_is_stuck_ends_after_stop_grace(tmp_path, job
     assert elapsed < 2 + 12, f"job took {elapsed:.1f} s to end after SIGTERM (stop_grace 2 s)"
     assert rc == EXIT_PREEMPTED, job.stdout + job.stderr
     assert ("elfish-mpi: rank 0: StopTimeout: round 3: SIGTERM received, and no update came from worker rank(s) 2 "
-            f"within run.stop_grace = 2 s; stopped without that round: continue with --resume {out}") in job.stderr, job.stderr
+            f"within run.stop_grace = 2 s; stopped without that round: continue from the last checkpoint with --resume {out}") in job.stderr, job.stderr
     assert "was killed by signal" not in job.stderr  # rank 0 said why; its supervisor stays quiet
     assert all_gone(job.pids.values()), "a rank outlived the job"
     assert latest_valid(out).round == 2
+
+
+def test_sigusr1_waits_for_a_slow_round_past_stop_grace(tmp_path, jobs):
+    # Prepare: worker rank 2 stops (SIGSTOP) in round 3, as a slow worker
+    out = tmp_path / "run"
+    job = Job(tmp_path, 3, job_args(out, 200, "--set", "run.round_timeout=300", "--set", "run.stop_grace=1"),
+              shim=STALL_SHIM.format(rank=2, round=3, where="training"))
+    jobs.append(job)
+    pids = job.ranks()
+    job.wait_for("worker rank 2 to stop", lambda: stopped(pids[2]))
+
+    # Execute: SIGUSR1 (the time-limit warning) to every rank; the slow worker goes on 4 s later
+    for pid in pids.values():
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(4)
+    assert job.proc.poll() is None, job.stderr  # still waiting for round 3, past stop_grace
+    os.kill(pids[2], signal.SIGCONT)
+    rc = job.wait(timeout=60)
+
+    # Assert: round 3 was finished and checkpointed, then the job stopped
+    assert rc == EXIT_PREEMPTED, job.stdout + job.stderr
+    assert "SIGUSR1 received: stopped after round 3 with a checkpoint" in job.stdout, job.stdout + job.stderr
+    assert ckptmod.validate(out / "checkpoint.h5").round == 3
+    assert "StopTimeout" not in job.stderr
 
 
 def test_non_finite_update_is_rejected_and_not_counted(tmp_path):

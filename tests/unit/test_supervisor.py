@@ -134,6 +134,30 @@ def test_a_stop_signal_at_start_up_waits_for_the_ranks_handler():
     assert "was killed by signal" not in err
 
 
+def test_a_signal_sent_to_every_process_ends_the_rank_quietly():
+    # Prepare: SIGHUP ends the rank (it has no handler for it)
+    proc, rank = start("sleep")
+
+    # Execute: a launcher or a terminal signals every process: supervisor and rank alike
+    os.killpg(proc.pid, signal.SIGHUP)
+    _, err = proc.communicate(timeout=30)
+
+    # Assert: no news (every rank would otherwise report it); the supervisor ends the same way
+    assert err == ""
+    assert proc.returncode == -signal.SIGHUP
+
+
+def test_the_same_signal_sent_to_the_rank_alone_is_reported():
+    # Execute
+    proc, rank = start("sleep")
+    os.kill(rank, signal.SIGHUP)
+    _, err = proc.communicate(timeout=30)
+
+    # Assert
+    assert f"worker rank 5 (pid {rank} on {os.uname().nodename}) was killed by signal 1 (SIGHUP) in round 7\n" in err
+    assert proc.returncode == -signal.SIGHUP
+
+
 def test_the_rank_dies_with_its_supervisor():
     # Prepare
     proc, rank = start("sleep")
