@@ -345,14 +345,20 @@ def test_worker_stalled_between_rounds_times_out_naming_rank_and_round(tmp_path,
                                               "did not complete within run.round_timeout = 3 s")
 
 
-def test_stop_signal_while_a_worker_is_stuck_ends_after_stop_grace(tmp_path, jobs):
-    # Prepare: worker rank 2 stops (SIGSTOP) in round 3; round_timeout far away
-    out = tmp_path / "run"
-    job = Job(tmp_path, 3, job_args(out, 200, "--set", "run.round_timeout=300", "--set", "run.stop_grace=2"),
+def worker_stopped_in_round_3(tmp_path: Path, jobs: list, out: Path, stop_grace: float) -> tuple[Job, dict[int, int]]:
+    """A job (round_timeout far away) whose worker rank 2 has stopped itself (SIGSTOP) in round 3."""
+    job = Job(tmp_path, 3, job_args(out, 200, "--set", "run.round_timeout=300", "--set", f"run.stop_grace={stop_grace}"),
               shim=STALL_SHIM.format(rank=2, round=3, where="training"))
     jobs.append(job)
     pids = job.ranks()
     job.wait_for("worker rank 2 to stop", lambda: stopped(pids[2]))
+    return job, pids
+
+
+def test_stop_signal_while_a_worker_is_stuck_ends_after_stop_grace(tmp_path, jobs):
+    # Prepare: worker rank 2 stops (SIGSTOP) in round 3; round_timeout far away
+    out = tmp_path / "run"
+    job, pids = worker_stopped_in_round_3(tmp_path, jobs, out, stop_grace=2)
 
     # Execute: SIGTERM to rank 0, as a batch system that preempts or cancels the job
     os.kill(pids[0], signal.SIGTERM)
@@ -374,11 +380,7 @@ def test_stop_signal_while_a_worker_is_stuck_ends_after_stop_grace(tmp_path, job
 def test_sigusr1_waits_for_a_slow_round_past_stop_grace(tmp_path, jobs):
     # Prepare: worker rank 2 stops (SIGSTOP) in round 3, as a slow worker
     out = tmp_path / "run"
-    job = Job(tmp_path, 3, job_args(out, 200, "--set", "run.round_timeout=300", "--set", "run.stop_grace=1"),
-              shim=STALL_SHIM.format(rank=2, round=3, where="training"))
-    jobs.append(job)
-    pids = job.ranks()
-    job.wait_for("worker rank 2 to stop", lambda: stopped(pids[2]))
+    job, pids = worker_stopped_in_round_3(tmp_path, jobs, out, stop_grace=1)
 
     # Execute: SIGUSR1 (the time-limit warning) to every rank; the slow worker goes on 4 s later
     for pid in pids.values():
