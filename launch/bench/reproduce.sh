@@ -63,3 +63,8 @@ elfish-mpi perf overhead "$OUT"/1-balance/runs/quickstart/*/*/seed0/checkpoint.h
 step "6. communication"
 elfish-mpi perf communication "$OUT"/1-balance/runs/quickstart/*/elfish/seed0/checkpoint.h5 | tee "$OUT/6-communication.md"
 mpiexec -n 5 elfish-mpi perf transport --keep 1,1,0.5,0.25 | tee -a "$OUT/6-communication.md"
+
+# 8: how fast a job ends, and whether it names the rank, after a SIGKILL.
+step "8. a killed rank"
+python "$(dirname "$0")/kill_latency.py" --repeats 10 --rank 2 | tee "$OUT/8-kill-latency.md"
+python "$(dirname "$0")/kill_latency.py" --repeats 5 --rank 0 | tee -a "$OUT/8-kill-latency.md"
