@@ -24,23 +24,15 @@ import traceback
 
 import numpy as np
 
+from .cli import MPIParser, UsageError, parse_or_report
 from .config import FLEETS
 from .throttle import MODES, TOLERANCE, Throttle, ThrottleError
 
 PROG = "elfish-mpi calibrate"
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # raise instead of exiting, so that only rank 0 prints
-        raise _UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = MPIParser(
         prog=PROG,
         description="Measure the achieved speed of throttled workers training the full model "
         "(run under MPI: mpiexec -n WORKERS+1 elfish-mpi calibrate ...).",
@@ -65,9 +57,9 @@ def parse_capacities(args, num_workers: int) -> list[float]:
         try:
             caps = [float(x) for x in args.capacity.split(",") if x.strip()]
         except ValueError:
-            raise _UsageError(f"--capacity {args.capacity!r}: expected comma-separated numbers") from None
+            raise UsageError(f"--capacity {args.capacity!r}: expected comma-separated numbers") from None
         if len(caps) != num_workers:
-            raise _UsageError(
+            raise UsageError(
                 f"--capacity has {len(caps)} value(s) but the job has {num_workers} worker rank(s) "
                 f"(mpiexec -n {len(caps) + 1} matches it)"
             )
@@ -78,7 +70,7 @@ def parse_capacities(args, num_workers: int) -> list[float]:
         caps = [1.0] * num_workers
     for c in caps:
         if not (0.0 < c <= 1.0):
-            raise _UsageError(f"capacity {c:g} must be in (0, 1]")
+            raise UsageError(f"capacity {c:g} must be in (0, 1]")
     return caps
 
 
@@ -88,9 +80,9 @@ def _prepare(args, num_workers: int) -> dict:
     from .models import get_spec
 
     if num_workers < 1:
-        raise _UsageError("calibrate needs at least 2 MPI ranks: rank 0 reports, ranks 1.. are workers")
+        raise UsageError("calibrate needs at least 2 MPI ranks: rank 0 reports, ranks 1.. are workers")
     if args.steps < 1 or args.batch_size < 1 or args.threads < 1 or args.warmup < 0:
-        raise _UsageError("--steps, --batch-size and --threads must be >= 1, --warmup >= 0")
+        raise UsageError("--steps, --batch-size and --threads must be >= 1, --warmup >= 0")
     caps = parse_capacities(args, num_workers)
     path = str(datamod.resolve_path(args.dataset, args.data))
     test = datamod.load_test_data(args.dataset, path, max_samples=1)
@@ -98,7 +90,7 @@ def _prepare(args, num_workers: int) -> dict:
     try:
         get_spec(args.model, test.num_classes, in_shape)
     except ValueError as exc:
-        raise _UsageError(f"--model {args.model}: {exc}") from None
+        raise UsageError(f"--model {args.model}: {exc}") from None
     return {
         "capacities": caps,
         "data_path": path,
@@ -111,7 +103,7 @@ def _prepare(args, num_workers: int) -> dict:
 def _known_errors():
     from .data import DataError
 
-    return (_UsageError, DataError, ThrottleError, ValueError)
+    return (UsageError, DataError, ThrottleError, ValueError)
 
 
 class _Work:
@@ -181,18 +173,7 @@ def _table(rows: np.ndarray, caps: list[float], mode: str, details: list[str]) -
 def run(comm, args) -> int:
     num_workers = comm.size - 1
     # -- rank 0 checks, everyone learns the outcome ---------------------------------
-    setup, error = None, None
-    if comm.rank == 0:
-        try:
-            setup = _prepare(args, num_workers)
-        except _known_errors() as exc:
-            error = str(exc)
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        comm.bcast_obj({"error": error, "setup": setup})
-    else:
-        msg = comm.bcast_obj(None)
-        error, setup = msg["error"], msg["setup"]
+    setup, error = comm.from_root(lambda: _prepare(args, num_workers), _known_errors())
     if error:
         if comm.rank == 0:
             print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
@@ -216,17 +197,12 @@ def run(comm, args) -> int:
             error = str(exc)
         except Exception as exc:
             error = f"rank {comm.rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    reports = comm.gather_obj((error, detail))
-    if comm.rank == 0:
-        errors = [e for e, _ in reports[1:] if e]
-        verdict = comm.bcast_obj({"error": errors[0] if errors else None})
-        details = [d for _, d in reports[1:]]
-    else:
-        verdict = comm.bcast_obj(None)
+    verdict = comm.agree(error)
+    details = (comm.gather_obj(detail) or [None])[1:]  # each worker's throttle, for the table
     try:
-        if verdict["error"]:
+        if verdict:
             if comm.rank == 0:
-                print(f"{PROG}: error: {verdict['error']}", file=sys.stderr, flush=True)
+                print(f"{PROG}: error: {verdict}", file=sys.stderr, flush=True)
             return 2
 
         # -- the timed steps -----------------------------------------------------------
@@ -261,12 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     """``elfish-mpi calibrate [options]`` under MPI; returns the exit status (same on every rank)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except _UsageError as exc:
-        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) in ("0", ""):
-            parser.print_usage(sys.stderr)
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
+    args = parse_or_report(parser, argv, PROG)
+    if args is None:
         return 2
     from .comm import Comm
 

@@ -30,13 +30,27 @@ class UsageError(Exception):
     """A problem with what the user asked for (exit 2, no traceback)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # raise instead of exiting, so only rank 0 prints
+class MPIParser(argparse.ArgumentParser):
+    """The parser of a command that every MPI rank runs: a usage error raises UsageError
+    instead of exiting, so that :func:`parse_or_report` prints it on rank 0 only."""
+
+    def error(self, message):
         raise UsageError(message)
 
 
+def parse_or_report(parser: argparse.ArgumentParser, argv: list[str], prog: str) -> argparse.Namespace | None:
+    """The parsed arguments, or None after rank 0 (or a process outside MPI) printed the usage error."""
+    try:
+        return parser.parse_args(argv)
+    except UsageError as exc:
+        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) in ("0", ""):
+            parser.print_usage(sys.stderr)
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="elfish-mpi", description="ELFISH resource-aware federated learning on heterogeneous workers, over MPI.")
+    p = MPIParser(prog="elfish-mpi", description="ELFISH resource-aware federated learning on heterogeneous workers, over MPI.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     keys = Config.describe()
     t = sub.add_parser(
@@ -232,19 +246,9 @@ def train(args) -> int:
     signals.install()
     comm = Comm()
     supervisor.identify("the aggregator, rank 0" if comm.rank == 0 else f"worker rank {comm.rank}")
-    setup, error = None, None
-    if comm.rank == 0:
-        try:
-            setup = prepare(args, comm.size - 1)
-        except known_errors() as exc:
-            error = str(exc)
-        except Exception as exc:  # an unexpected failure of the checks themselves
-            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        public = None if error else {k: v for k, v in setup.items() if not k.startswith("_")}
-        comm.bcast_obj({"error": error, "setup": public})
-    else:
-        msg = comm.bcast_obj(None)
-        error, setup = msg["error"], msg["setup"]
+    # Rank 0 checks everything; keys starting with "_" (test data, the checkpoint) stay on it.
+    setup, error = comm.from_root(lambda: prepare(args, comm.size - 1), known_errors(),
+                                  public=lambda s: {k: v for k, v in s.items() if not k.startswith("_")})
     if error:
         if comm.rank == 0:
             print(f"elfish-mpi: error: {error}", file=sys.stderr, flush=True)
@@ -362,12 +366,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:])
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) in ("0", ""):
-            parser.print_usage(sys.stderr)
-            print(f"elfish-mpi: error: {exc}", file=sys.stderr)
+    args = parse_or_report(parser, argv, "elfish-mpi")
+    if args is None:
         return 2
     if args.command is None:
         parser.print_help()

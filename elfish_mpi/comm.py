@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 
 import numpy as np
 from mpi4py import MPI
@@ -84,6 +85,24 @@ class Comm:
     def gather_obj(self, obj) -> list | None:
         """Every rank's small object at rank 0 (start-up only)."""
         return self.comm.gather(obj, root=0)
+
+    def from_root(self, make, known: tuple, public=lambda value: value) -> tuple:
+        """Rank 0 runs ``make()`` (checks and set-up); every rank gets ``(value, None)``, or
+        ``(None, error)`` when it raised: a ``known`` error's message, any other's type,
+        message and traceback. Rank 0 keeps the whole value, the others get ``public(value)``
+        (start-up only)."""
+        if self.rank != 0:
+            msg = self.bcast_obj(None)
+            return msg["value"], msg["error"]
+        value, error = None, None
+        try:
+            value = make()
+        except known as exc:
+            error = str(exc)
+        except Exception as exc:  # an unexpected failure of the checks themselves
+            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        self.bcast_obj({"error": error, "value": None if error else public(value)})
+        return (None, error) if error else (value, None)
 
     def agree(self, error: str | None) -> str | None:
         """Every rank's set-up error (or None) -> the first one, on every rank (start-up only)."""
