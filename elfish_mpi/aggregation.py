@@ -3,12 +3,15 @@
 Worker k trained the parameters at positions ``idx_k`` (its sub-network) and sends their
 change ``delta_k``. Its weight is
 
-    w_k = n_k * r_k ** b
+    w_k = s_k * r_k ** b
 
-with n_k its number of training samples, r_k its keep ratio (share of neurons kept) and b
-the balancing exponent ``strategy.balance``: a soft-trained update, computed by a thinner
+with s_k its number of training samples n_k (``strategy.weighting = samples``) or 1
+(``count``: each element is averaged over the workers that trained it, each counted once,
+as HeteroFL's and FedRolex's code do), r_k its keep ratio (share of neurons kept) and b the
+balancing exponent ``strategy.balance``: a soft-trained update, computed by a thinner
 network whose neurons co-adapted with fewer peers, counts less than a full one (b > 0), or
-the same (b = 0).
+the same (b = 0). The exponent is this project's reading of ELFISH's "balances the
+contribution from soft-trained models"; the paper gives no formula.
 
 - ``balanced``: every element j is moved by the weighted mean of the changes of the
   workers that trained j:  theta_j += sum_k w_k m_kj delta_kj / sum_k w_k m_kj.
@@ -25,10 +28,14 @@ from __future__ import annotations
 import numpy as np
 
 MODES = ("balanced", "naive")
+WEIGHTINGS = ("samples", "count")
 
 
-def worker_weight(num_samples: float, keep_ratio: float, balance: float) -> float:
-    return float(num_samples) * float(keep_ratio) ** float(balance)
+def worker_weight(num_samples: float, keep_ratio: float, balance: float, weighting: str = "samples") -> float:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
+    base = float(num_samples) if weighting == "samples" else 1.0
+    return base * float(keep_ratio) ** float(balance)
 
 
 def accumulate(size: int, updates) -> tuple[np.ndarray, np.ndarray]:

@@ -195,6 +195,7 @@ STRATEGIES = ("fedavg", "fedavg-drop", "fedprox-partial", "heterofl", "fedrolex"
 AGGREGATIONS = ("balanced", "naive")
 MASK_POLICIES = ("random", "rolling", "ordered")
 TRANSPORTS = ("gather", "reduce")
+WEIGHTINGS = ("auto", "samples", "count")
 
 
 @dataclass(kw_only=True)
@@ -216,11 +217,22 @@ class StrategyConfig:
     )
     min_keep: float = _doc("Smallest keep ratio the planner may give a layer.", 0.25)
     keep_ratios: list = _doc("Fixed keep ratio per worker (overrides planning); empty: planned from the profiles.", factory=list)
-    deadline: float = _doc("Round deadline in seconds for planning; 0: the fastest worker's full-model round time.", 0.0)
+    deadline: float = _doc(
+        "Round deadline in seconds of training, the same for every strategy that has one (elfish, heterofl and fedrolex "
+        "plan to meet it, fedprox-partial fits its steps into it, fedavg-drop drops an update that misses it); "
+        "0: the fastest worker's predicted full-model round time plus 10%.",
+        0.0,
+    )
     balance: float = _doc(
-        "Balancing exponent b of aggregation: a worker's weight is num_samples * keep_ratio**b, "
+        "Balancing exponent b of elfish's aggregation: a worker's weight is num_samples * keep_ratio**b, "
         "so soft-trained updates count less (b > 0) or as much as full ones (b = 0).",
         0.5,
+    )
+    weighting: str = _doc(
+        "What a worker's update weighs before the balance factor: samples (its number of training samples), "
+        "count (1: each element averaged over the workers that trained it, as HeteroFL's and FedRolex's code do), "
+        "auto (count for heterofl and fedrolex, samples for the others).",
+        "auto",
     )
     replan: bool = _doc("Re-plan every round from the measured round times (elfish).", True)
     mu: float = _doc("Proximal coefficient of fedprox-partial: the local loss gains mu/2 * ||w - w_global||^2.", 0.01)
@@ -239,6 +251,7 @@ class StrategyConfig:
         self.keep_ratios = [float(r) for r in self.keep_ratios]
         _number("strategy.deadline", self.deadline, 0.0, 1e7)
         _number("strategy.balance", self.balance, 0.0, 10.0)
+        _choice("strategy.weighting", self.weighting, WEIGHTINGS)
         if not isinstance(self.replan, bool):
             raise ConfigError(f"strategy.replan = {self.replan!r} must be true or false")
         _positive_int("strategy.profile_steps", self.profile_steps)

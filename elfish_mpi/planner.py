@@ -5,9 +5,12 @@ per training step (see profiling.py); ``scale_w`` starts at 1 and follows the ro
 actually measured (an exponential moving average of measured / predicted), so a worker
 that slows down during the run is re-planned in the next round.
 
-The deadline per step is ``strategy.deadline / local_steps`` or, by default, the fastest
-worker's predicted full-model step time, plus ``slack`` (10%) so that timing noise does not
-thin a worker that is as fast as the fastest. A worker that meets it with the full model
+The round deadline (:meth:`Planner.round_deadline`) is the one every strategy faces:
+``strategy.deadline`` when set, used bare; by default the fastest worker's predicted
+full-model round time plus ``slack`` (10%), a margin inside the deadline so that timing
+noise does not thin a worker that is as fast as the fastest. ELFISH and HeteroFL/FedRolex
+plan to meet it, FedProx with partial work fits its steps into it, and FedAvg with a
+deadline drops an update that misses it. A worker that meets it with the full model
 trains the full model. Otherwise the planner removes neurons greedily, ``step`` of a layer's width
 at a time: each move cuts the layer whose neurons are the most resource-intensive, i.e. the
 cut that saves the most predicted time per neuron removed, never below ``min_keep``, until
@@ -58,11 +61,17 @@ class Planner:
         base = self.alpha[worker] + self.beta[worker] * macs_fraction(self.spec, ratios)
         return float(self.scale[worker] * base)
 
-    def deadline_step(self) -> float:
+    def round_deadline(self) -> float:
+        """Seconds of training per round that every strategy faces (see the module docstring)."""
         if self.deadline > 0:
-            return self.deadline / self.local_steps
+            return self.deadline
         full = {name: 1.0 for name in self._widths}
-        return min(self.predict(w, full) for w in range(self.num_workers))
+        fastest = min(self.predict(w, full) for w in range(self.num_workers))
+        return fastest * self.local_steps * (1.0 + self.slack)
+
+    def deadline_step(self) -> float:
+        """Seconds per step a worker must meet: the round deadline over the local steps."""
+        return self.round_deadline() / self.local_steps
 
     def plan_worker(self, worker: int, target: float) -> dict[str, float]:
         ratios = {name: 1.0 for name in self._widths}
@@ -83,18 +92,14 @@ class Planner:
             ratios, current = best, best_time
         return ratios
 
-    def target_step(self) -> float:
-        """Seconds per step a worker must meet: the deadline plus the slack."""
-        return self.deadline_step() * (1.0 + self.slack)
-
     def plan(self) -> list[dict[str, float]]:
-        target = self.target_step()
+        target = self.deadline_step()
         return [self.plan_worker(w, target) for w in range(self.num_workers)]
 
     def plan_uniform(self) -> list[float]:
         """One keep ratio per worker for every layer (nested-width methods): the largest
         multiple of ``step`` (>= min_keep) whose prediction meets the deadline."""
-        target = self.target_step()
+        target = self.deadline_step()
         out = []
         for w in range(self.num_workers):
             r = 1.0
@@ -106,7 +111,7 @@ class Planner:
     def steps_within(self, worker: int, steps: int) -> int:
         """How many full-model steps ``worker`` fits in the deadline's ``steps`` steps (>= 1)."""
         full = self.predict(worker, {n: 1.0 for n in self._widths})
-        return int(max(1, min(steps, np.floor(steps * self.target_step() / full)))) if full > 0 else steps
+        return int(max(1, min(steps, np.floor(self.round_deadline() / full + 1e-9)))) if full > 0 else steps
 
     def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:
         """Fold a measured time per step into the worker's scale."""

@@ -2,23 +2,28 @@
 
 A strategy's ``configure(round)`` gives one :class:`Assignment` per worker: keep ratio per
 maskable layer, local steps, a time limit and a proximal coefficient. It also names the
-mask policy (which neurons the ratios keep), the aggregation mode and the balancing
-exponent. The round loop turns assignments into masks (masking.py) and updates into the
-new model (aggregation.py). Every strategy runs on the same MPI path, data, seeds and
-throttled fleet, so they compare fairly.
+mask policy (which neurons the ratios keep), the aggregation mode, the weighting of the
+updates and the balancing exponent. The round loop turns assignments into masks
+(masking.py) and updates into the new model (aggregation.py). Every strategy runs on the
+same MPI path, data, seeds and throttled fleet, so they compare fairly; every strategy
+that has a round deadline faces the same one, :meth:`Planner.round_deadline`.
+
+Weighting (``strategy.weighting``): ``samples`` weighs a worker's update by its number of
+training samples, ``count`` counts every worker that trained an element once (HeteroFL's
+and FedRolex's official code); ``auto`` is each strategy's own paper's rule.
 
 - ``fedavg`` (McMahan et al., AISTATS 2017): every worker trains the full model for
   ``train.local_steps``; the round waits for the slowest worker; sample-weighted average.
 - ``fedavg-drop`` (FedAvg with a round deadline, as deployed by Bonawitz et al., 2019):
-  full model; a worker that has not finished by the deadline stops there and its update
-  is dropped. Deadline: ``strategy.deadline`` or the fastest worker's full-model round
-  time (predicted from the profiles) plus the planner's slack.
+  full model; a worker that has not finished by the round deadline stops there and its
+  update is dropped.
 - ``fedprox-partial`` (Li et al., MLSys 2020, "FedProx"): full model; a straggler does only
-  the steps that fit in the deadline (partial work), and every worker's local loss carries
-  the proximal term ``mu/2 * ||w - w_global||^2``. Steps re-planned from measured times.
+  the steps that fit in the round deadline (partial work), and every worker's local loss
+  carries the proximal term ``mu/2 * ||w - w_global||^2``. Steps re-planned from measured
+  times.
 - ``heterofl`` (Diao et al., ICLR 2021): static nested sub-models: a worker keeps the first
   ``k`` neurons of every layer, one width ratio per worker fixed from the profiles at the
-  start; each parameter is averaged over the workers that hold it (balance exponent 0).
+  start; each parameter is averaged over the workers that hold it, each counted once.
 - ``fedrolex`` (Alam et al., NeurIPS 2022): the widths of HeteroFL, but the kept window of
   each layer rolls by one neuron every round, so every neuron is trained over time;
   parameter-wise averaging as in HeteroFL.
@@ -45,10 +50,15 @@ class Assignment:
     mu: float = 0.0  # proximal coefficient
 
 
+class PlannerMissing(RuntimeError):
+    """A strategy that plans from the profiles was asked for a plan before it had a planner."""
+
+
 class Strategy:
     name = "base"
     mask_policy = "ordered"
     uses_planner = False
+    paper_weighting = "samples"  # the rule of the strategy's own paper (strategy.weighting = auto)
 
     def __init__(self, cfg: Config, spec: ModelSpec, num_workers: int):
         self.cfg = cfg
@@ -63,6 +73,24 @@ class Strategy:
     @property
     def balance(self) -> float:
         return 0.0
+
+    @property
+    def weighting(self) -> str:
+        """``samples`` or ``count``: what a worker's update weighs before the balance factor."""
+        chosen = self.cfg.strategy.weighting
+        return self.paper_weighting if chosen == "auto" else chosen
+
+    def require_planner(self) -> Planner:
+        if self.planner is None:
+            raise PlannerMissing(
+                f"strategy {self.name!r} plans from the workers' profiles, and no planner was made "
+                "(the profiles were not gathered)"
+            )
+        return self.planner
+
+    def round_deadline(self) -> float:
+        """Seconds of training per round this strategy allows (0: none)."""
+        return self.require_planner().round_deadline() if self.needs_planner else 0.0
 
     @property
     def needs_planner(self) -> bool:
@@ -93,7 +121,7 @@ class FedAvgDrop(Strategy):
 
     def configure(self, round: int) -> list[Assignment]:
         steps = self.cfg.train.local_steps
-        limit = self.cfg.strategy.deadline or self.planner.target_step() * steps
+        limit = self.round_deadline()
         return [Assignment(self.full(), steps, time_limit=limit) for _ in range(self.num_workers)]
 
 
@@ -104,13 +132,15 @@ class FedProxPartial(Strategy):
     def configure(self, round: int) -> list[Assignment]:
         steps = self.cfg.train.local_steps
         mu = self.cfg.strategy.mu
-        return [Assignment(self.full(), self.planner.steps_within(w, steps), mu=mu) for w in range(self.num_workers)]
+        planner = self.require_planner()
+        return [Assignment(self.full(), planner.steps_within(w, steps), mu=mu) for w in range(self.num_workers)]
 
 
 class HeteroFL(Strategy):
     name = "heterofl"
     uses_planner = True
     mask_policy = "ordered"
+    paper_weighting = "count"
 
     def __init__(self, cfg: Config, spec: ModelSpec, num_workers: int):
         super().__init__(cfg, spec, num_workers)
@@ -119,7 +149,7 @@ class HeteroFL(Strategy):
     def configure(self, round: int) -> list[Assignment]:
         if self.widths is None:  # fixed once, from the profiles
             fixed = self.cfg.strategy.keep_ratios
-            self.widths = list(fixed) if fixed else self.planner.plan_uniform()
+            self.widths = list(fixed) if fixed else self.require_planner().plan_uniform()
         steps = self.cfg.train.local_steps
         return [Assignment(self.uniform(r), steps) for r in self.widths]
 
@@ -156,7 +186,7 @@ class Elfish(Strategy):
         fixed = self.cfg.strategy.keep_ratios
         if fixed:
             return [Assignment(self.uniform(r), steps) for r in fixed]
-        return [Assignment(r, steps) for r in self.planner.plan()]
+        return [Assignment(r, steps) for r in self.require_planner().plan()]
 
 
 STRATEGIES = {cls.name: cls for cls in (FedAvg, FedAvgDrop, FedProxPartial, HeteroFL, FedRolex, Elfish)}

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from elfish_mpi.config import load_config
+from elfish_mpi.masking import make_masks
 from elfish_mpi.models import alexnet, lenet
 from elfish_mpi.planner import Planner
-from elfish_mpi.strategies import Elfish, FedAvg, make_strategy
+from elfish_mpi.strategies import Elfish, FedAvg, PlannerMissing, make_strategy
 
 torch.set_num_threads(1)
 
@@ -21,8 +22,13 @@ def ratios(plan):
 
 
 def with_planner(strategy, beta=(1.0, 4.0)):
-    """A planner whose workers are 1x and 4x slow, compute-bound (alpha = 0)."""
-    strategy.planner = Planner(LENET, np.zeros(len(beta)), np.array(beta), min_keep=0.25, local_steps=10)
+    """A planner whose workers are 1x and 4x slow, compute-bound (alpha = 0), made from the
+    strategy's config as the round loop makes it."""
+    s = strategy.cfg.strategy
+    strategy.planner = Planner(
+        LENET, np.zeros(len(beta)), np.array(beta), min_keep=s.min_keep,
+        local_steps=strategy.cfg.train.local_steps, deadline=s.deadline,
+    )
     return strategy
 
 
@@ -81,13 +87,49 @@ def test_elfish_observe_reaches_the_planner():
 
 
 def test_fedavg_drop_sets_a_deadline_from_the_fastest_worker():
+    # Prepare
     strategy = with_planner(make_strategy(load_config(None, ["strategy.name=fedavg-drop"]), LENET, 2))
+    steps = strategy.cfg.train.local_steps
+
+    # Execute
     plan = strategy.configure(1)
+
+    # Assert: the fastest worker's predicted full round (1 s per step) plus the 10% slack
     assert ratios(plan) == [FULL, FULL]
-    expected = strategy.planner.target_step() * strategy.cfg.train.local_steps
-    assert [a.time_limit for a in plan] == pytest.approx([expected, expected])
+    assert [a.time_limit for a in plan] == pytest.approx([1.1 * steps, 1.1 * steps])
     explicit = with_planner(make_strategy(load_config(None, ["strategy.name=fedavg-drop", "strategy.deadline=2.5"]), LENET, 2))
     assert [a.time_limit for a in explicit.configure(1)] == [2.5, 2.5]
+
+
+PLANNING = ["fedavg-drop", "fedprox-partial", "heterofl", "fedrolex", "elfish"]
+
+
+@pytest.mark.parametrize("deadline", [0.0, 12.0, 25.0, 33.0])
+def test_every_strategy_faces_the_same_deadline(deadline):
+    # Prepare: workers 1x, 2.5x and 4x slow, compute-bound; 10 steps of 1 s at full speed
+    beta = (1.0, 2.5, 4.0)
+    made = {
+        name: with_planner(make_strategy(load_config(None, [f"strategy.name={name}", f"strategy.deadline={deadline}"]), LENET, 3), beta)
+        for name in PLANNING
+    }
+
+    # Execute
+    deadlines = {name: s.round_deadline() for name, s in made.items()}
+    plans = {name: s.configure(1) for name, s in made.items()}
+
+    # Assert: one deadline for all; each strategy's work fits in it (no slack on top)
+    expected = deadline or 1.1 * 10
+    assert deadlines == pytest.approx({name: expected for name in PLANNING})
+    assert [a.time_limit for a in plans["fedavg-drop"]] == pytest.approx([expected] * 3)
+    for name in ("elfish", "heterofl", "fedrolex", "fedprox-partial"):
+        planner = made[name].planner
+        for w, a in enumerate(plans[name]):
+            predicted = planner.predict(w, a.ratios) * a.steps
+            at_floor = all(r <= made[name].cfg.strategy.min_keep + 1e-9 for r in a.ratios.values())
+            assert predicted <= expected + 1e-9 or at_floor, (name, w, predicted, expected)
+    # fedprox-partial takes as many full steps as fit
+    for w, a in enumerate(plans["fedprox-partial"]):
+        assert a.steps == max(1, min(10, int(expected // beta[w] + 1e-9)))
 
 
 def test_fedprox_partial_gives_stragglers_fewer_steps_and_a_proximal_term():
@@ -96,7 +138,7 @@ def test_fedprox_partial_gives_stragglers_fewer_steps_and_a_proximal_term():
     plan = strategy.configure(1)
     assert ratios(plan) == [FULL, FULL]
     assert plan[0].steps == 20
-    assert 4 <= plan[1].steps <= 6  # 4x slower: about a quarter of the steps (plus the slack)
+    assert plan[1].steps == 5  # 4x slower: the full steps that fit in 22 s (20 steps of 1 s, + 10%)
     assert all(a.mu == 0.1 for a in plan)
 
 
@@ -111,16 +153,57 @@ def test_heterofl_widths_are_static_nested_and_uniform():
     assert strategy.mask_policy == "ordered" and strategy.balance == 0.0
 
 
+def window_start(kept: np.ndarray, width: int) -> int:
+    """The first neuron of the window of consecutive neurons (wrapping around) that ``kept`` is."""
+    members = set(kept.tolist())
+    starts = [i for i in members if (i - 1) % width not in members]
+    assert len(starts) == 1, f"{sorted(members)} is not one window of consecutive neurons of {width}"
+    return starts[0]
+
+
 def test_fedrolex_rolls_the_heterofl_widths():
-    strategy = with_planner(make_strategy(load_config(None, ["strategy.name=fedrolex"]), LENET, 2))
-    assert strategy.mask_policy == "rolling"
-    assert ratios(strategy.configure(1)) == ratios(strategy.configure(2))
+    # Prepare: FedRolex and HeteroFL over the same fleet (1x and 4x slow); rounds enough for
+    # the windows of conv1 (20 neurons) and conv2 (50) to wrap around
+    rolex = with_planner(make_strategy(load_config(None, ["strategy.name=fedrolex"]), LENET, 2))
+    hetero = with_planner(make_strategy(load_config(None, ["strategy.name=heterofl"]), LENET, 2))
+    rounds = list(range(1, 53))
+
+    # Execute: what the slow worker trains, round by round
+    plans = [rolex.configure(r) for r in rounds]
+    kept = [make_masks(LENET, plan[1].ratios, rolex.mask_policy, seed=0, round=r, worker=1)
+            for r, plan in zip(rounds, plans)]
+
+    # Assert: HeteroFL's widths every round, the slow worker thinned
+    assert all(ratios(plan) == ratios(hetero.configure(r)) for r, plan in zip(rounds, plans))
+    assert plans[0][1].ratios["conv1"] < 1.0
+    widths = LENET.full_widths()
+    for layer in LENET.maskable:
+        width = widths[layer]
+        assert {k[layer].size for k in kept} == {kept[0][layer].size} and kept[0][layer].size < width, layer
+        # one window of consecutive neurons, whose start moves by one neuron every round ...
+        starts = [window_start(k[layer], width) for k in kept]
+        assert [(b - a) % width for a, b in zip(starts, starts[1:])] == [1] * (len(rounds) - 1), (layer, starts)
+        # ... and wraps around from the last neuron to the first
+        if width < len(rounds):
+            assert any(b < a for a, b in zip(starts, starts[1:])), (layer, starts)
 
 
-def test_elfish_without_planner_or_ratios_fails_loudly():
-    strategy = make_strategy(load_config(), LENET, 2)
-    with pytest.raises(AttributeError):
+@pytest.mark.parametrize("name", PLANNING)
+def test_a_planning_strategy_without_planner_fails_loudly(name):
+    strategy = make_strategy(load_config(None, [f"strategy.name={name}"]), LENET, 2)
+    with pytest.raises(PlannerMissing, match=f"strategy '{name}' plans from the workers' profiles"):
         strategy.configure(0)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("fedavg", "samples"), ("fedavg-drop", "samples"), ("fedprox-partial", "samples"),
+    ("heterofl", "count"), ("fedrolex", "count"), ("elfish", "samples"),
+])
+def test_weighting_defaults_to_each_papers_rule_and_can_be_chosen(name, expected):
+    auto = make_strategy(load_config(None, [f"strategy.name={name}"]), LENET, 2)
+    assert auto.weighting == expected
+    for chosen in ("samples", "count"):
+        assert make_strategy(load_config(None, [f"strategy.name={name}", f"strategy.weighting={chosen}"]), LENET, 2).weighting == chosen
 
 
 def test_observe_without_planner_is_a_no_op():
