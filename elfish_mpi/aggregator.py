@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from . import checkpoint as ckptmod
 from . import profiling, signals, supervisor
-from .aggregation import combine, accumulate
+from .aggregation import combine
 from .comm import Comm, RankFailure, RoundTimeout
 from .fleet import load_trace
 from .config import Config
@@ -22,6 +22,7 @@ from .masking import compute_ratio, keep_ratio, make_masks
 from .models import MaskableCNN, ModelSpec
 from .planner import Planner
 from .strategies import make_strategy
+from .transport import fold, receive
 from .submodel import flat_from_state_dict, flat_params, load_flat, param_index, state_dict_from_flat
 from .worker import STATS
 
@@ -137,6 +138,7 @@ class Aggregator:
             # 2. broadcast the plan and the global model
             plan = {
                 "stop": False, "round": rnd, "masks": masks, "capacity": capacity, "balance": self.strategy.balance,
+                "weighting": self.strategy.weighting,
                 "steps": [a.steps for a in assignments], "time_limit": [a.time_limit for a in assignments],
                 "mu": [a.mu for a in assignments],
             }
@@ -197,9 +199,7 @@ class Aggregator:
             self.metrics["eval_time"][-1] = time.perf_counter() - t_eval
         self.report(rnd, self.metrics["test_accuracy"][-1], round_time, keep, stats)
         if rnd % cfg.checkpoint.every == 0 or rnd == cfg.run.rounds or stopping:
-            t_ck = time.perf_counter()
             self.save(rnd)
-            self.metrics["checkpoint_time"][-1] = time.perf_counter() - t_ck
 
     def save_pending(self) -> None:
         """Before the job ends on a failed round: the previous round's checkpoint, if its
@@ -212,28 +212,23 @@ class Aggregator:
 
     def collect(self, rnd: int, idxs: list[np.ndarray]):
         """Stats, the weighted sums (num, den) of the accepted updates, and which were accepted."""
-        timeout = self.cfg.run.round_timeout
-        size = self.flat.size
+        transport = self.cfg.strategy.transport
         try:
-            if self.cfg.strategy.transport == "gather":
-                stats, values = self.comm.recv_updates([len(i) for i in idxs], len(STATS), timeout)
-                finite = np.array([bool(np.all(np.isfinite(v))) for v in values])
-            else:
-                stats = self.comm.recv_stats(self.num_workers, len(STATS), timeout)
-                summed = self.comm.reduce_sum(np.zeros((2, size), dtype=np.float64), timeout)
-                finite = stats[:, STATS.index("finite")] > 0
+            stats, values, summed = receive(
+                self.comm, transport, [len(i) for i in idxs], self.flat.size, len(STATS), self.cfg.run.round_timeout
+            )
         except (RoundTimeout, RankFailure) as exc:
             self.save_pending()
             raise type(exc)(f"round {rnd}: {exc}") from None
+        if values is not None:
+            finite = np.array([bool(np.all(np.isfinite(v))) for v in values])
+        else:
+            finite = stats[:, STATS.index("finite")] > 0
         late = stats[:, STATS.index("late")] > 0
         accepted = finite & ~late
         for w in np.flatnonzero(~finite):
             print(f"elfish-mpi: round {rnd}: rejected the non-finite update of worker rank {w + 1}", flush=True)
-        if self.cfg.strategy.transport == "gather":
-            weights = stats[:, STATS.index("weight")]
-            num, den = accumulate(size, ((idxs[w], values[w], weights[w]) for w in np.flatnonzero(accepted)))
-        else:
-            num, den = summed[0], summed[1]
+        num, den = fold(self.flat.size, idxs, values, summed, stats[:, STATS.index("weight")], accepted)
         return stats, num, den, accepted
 
     # -- records -------------------------------------------------------------------------
@@ -269,8 +264,9 @@ class Aggregator:
             "dropped": col["late"],
             "rejected": 1.0 - col["finite"],
         }
-        for name in self.spec.maskable:
-            per_worker[f"keep_ratio_{name}"] = [r[name] for r in ratios]
+        widths = self.spec.full_widths()
+        for name in self.spec.maskable:  # the share kept (keep counts round up), not the ratio asked for
+            per_worker[f"keep_ratio_{name}"] = [len(m[name]) / widths[name] for m in masks]
         for k, v in per_worker.items():
             self.workers.setdefault(k, []).append([float(x) for x in v])
         self.masks[rnd] = masks
@@ -301,7 +297,9 @@ class Aggregator:
         )
 
     def save(self, rnd: int) -> None:
-        ckptmod.rotate(self.out, self.checkpoint(rnd), self.cfg.checkpoint.keep)
+        ck = self.checkpoint(rnd)  # the file records its own writing time in checkpoint_time
+        ckptmod.rotate(self.out, ck, self.cfg.checkpoint.keep, timed="checkpoint_time")
+        self.metrics["checkpoint_time"][-1] = float(ck.metrics["checkpoint_time"][-1])
         self.write_csv()
 
     def write_csv(self) -> None:

@@ -85,6 +85,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -373,8 +375,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def write(path: str | os.PathLike, ckpt: Checkpoint) -> None:
-    """Write ``ckpt`` to ``path`` atomically.
+def write(path: str | os.PathLike, ckpt: Checkpoint, *, timed: str | None = None) -> float:
+    """Write ``ckpt`` to ``path`` atomically; return the seconds it took.
+
+    With ``timed`` (the name of a metrics series), the file records its own writing time:
+    the seconds from the call until every dataset is written (close and fsync excluded)
+    become the last value of ``metrics/<timed>``, in the file and in ``ckpt.metrics``, so
+    a run resumed from this file holds the same record as one that went on.
 
     The checkpoint is checked first (:class:`CheckpointError` on bad input,
     before any file is created). It is then written to a temporary file in the
@@ -383,13 +390,20 @@ def write(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     exception the temporary file is removed and the exception re-raised; an
     existing file at ``path`` is left untouched.
     """
+    started = time.perf_counter()
     path = Path(path)
     plan = _prepare(ckpt)
+    if timed is not None and (timed not in plan["groups"]["metrics"] or plan["round"] < 1):
+        raise CheckpointError(f"timed: metrics/{timed} must exist and hold at least one round")
     directory = path.parent
     tmp = directory / f".{path.name}.{os.getpid()}-{os.urandom(6).hex()}.tmp"
     try:
         with h5py.File(tmp, "w-", libver=_LIBVER, track_order=True) as f:
             _write_open(f, plan)
+            seconds = time.perf_counter() - started
+            if timed is not None:
+                f["metrics"][timed][-1] = seconds
+                ckpt.metrics[timed][-1] = seconds
             f.flush()
         # fsync after close: closing still writes metadata (superblock status flags).
         _fsync_path(tmp)
@@ -401,6 +415,20 @@ def write(path: str | os.PathLike, ckpt: Checkpoint) -> None:
             pass
         raise
     _fsync_dir(directory)
+    return seconds
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """``dst`` becomes a byte copy of ``src``, atomically (temporary file, fsync, rename)."""
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}-{os.urandom(6).hex()}.tmp"
+    try:
+        shutil.copyfile(src, tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
 
 
 # --------------------------------------------------------------------------- #
@@ -730,11 +758,12 @@ def _history(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def rotate(run_dir: str | os.PathLike, ckpt: Checkpoint, keep: int) -> Path:
+def rotate(run_dir: str | os.PathLike, ckpt: Checkpoint, keep: int, *, timed: str | None = None) -> Path:
     """Save ``ckpt`` into ``run_dir`` and prune the history.
 
-    Writes ``run_dir/checkpoints/round-NNNNNN.h5`` atomically, then
-    ``run_dir/checkpoint.h5`` atomically (a separate copy, not a link), then
+    Writes ``run_dir/checkpoints/round-NNNNNN.h5`` atomically (``timed``: see
+    :func:`write`), then ``run_dir/checkpoint.h5`` atomically as a byte copy of it
+    (a separate file, not a link), then
     deletes the oldest history files so that only the newest ``keep`` remain
     (``keep=0`` keeps all; the file just written is never deleted). Returns
     the history path. Temporary files left behind by a killed writer are
@@ -748,8 +777,8 @@ def rotate(run_dir: str | os.PathLike, ckpt: Checkpoint, keep: int) -> Path:
     hist_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run_dir)
     hist_path = hist_dir / f"round-{int(ckpt.round):06d}.h5"
-    write(hist_path, ckpt)
-    write(run_dir / LATEST_NAME, ckpt)
+    write(hist_path, ckpt, timed=timed)
+    _copy_atomic(hist_path, run_dir / LATEST_NAME)
     if keep:
         history = _history(run_dir)
         excess = len(history) - keep

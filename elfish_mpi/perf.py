@@ -3,9 +3,10 @@
 - ``soft-training``: seconds per training step of the physically smaller sub-network at
   keep ratio r (every maskable layer at r), against the multiply-accumulate count's
   prediction, per model. Single process; real images.
-- ``transport`` (under MPI): the time rank 0 needs to receive the round's updates by each
-  transport: ``gather`` (every worker sends its kept values; rank 0 scatters them) and
-  ``reduce`` (an MPI sum of dense weighted updates and coverage), at given keep ratios.
+- ``transport`` (under MPI): the time rank 0 needs to receive and fold the round's updates
+  by each transport: ``gather`` (every worker sends its kept values; rank 0 scatters them)
+  and ``reduce`` (an MPI sum of dense weighted updates and coverage), at given keep ratios;
+  both ends run the round loop's own code (transport.py).
 - ``overhead CHECKPOINT...``: the share of a run's time (start-up profiling plus the rounds'
   wall clock) not spent in local training by each round's slowest worker.
 - ``communication CHECKPOINT...``: bytes each worker sent per round against its keep ratio.
@@ -82,6 +83,8 @@ def transport(args) -> int:
     from .masking import make_masks
     from .models import get_spec
     from .submodel import num_params, param_index
+    from .transport import fold, payload, receive, send
+    from .worker import STATS
 
     comm = Comm()
     workers = comm.size - 1
@@ -102,28 +105,15 @@ def transport(args) -> int:
         for rep in range(args.repeats + 1):
             comm.barrier()
             t0 = time.perf_counter()
-            if comm.rank == 0:
-                if mode == "gather":
-                    _, values = comm.recv_updates([len(i) for i in idxs], 2, 600)
-                    num = np.zeros(size)
-                    den = np.zeros(size)
-                    for i, v in zip(idxs, values):
-                        num[i] += v
-                        den[i] += 1.0
-                else:
-                    comm.recv_stats(workers, 2, 600)
-                    comm.reduce_sum(np.zeros((2, size)), 600)
-            else:
+            if comm.rank == 0:  # the round loop's own receive and fold (transport.py, aggregation.py)
+                stats, values, summed = receive(comm, mode, [len(i) for i in idxs], size, len(STATS), 600)
+                fold(size, idxs, values, summed, stats[:, STATS.index("weight")], np.ones(workers, dtype=bool))
+            else:  # a worker's own payload and send
                 idx = idxs[comm.rank - 1]
                 delta = rng.standard_normal(len(idx)).astype(np.float32)
-                if mode == "gather":
-                    comm.send_update(np.ones(2), delta)
-                else:
-                    dense = np.zeros((2, size))
-                    dense[0, idx] = delta
-                    dense[1, idx] = 1.0
-                    comm.send_stats(np.ones(2))
-                    comm.reduce_sum(dense, 600)
+                stats = np.zeros(len(STATS))
+                stats[STATS.index("weight")] = 1.0
+                send(comm, mode, stats, payload(mode, size, idx, delta, 1.0, True), 600)
             comm.barrier()
             if rep:  # the first repetition warms up
                 samples.append(time.perf_counter() - t0)

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from . import data as datamod
-from . import profiling, signals, supervisor
+from . import profiling, signals, supervisor, transport
 from .comm import Comm
 from .config import Config
 from .masking import keep_ratio, make_masks
@@ -27,7 +27,7 @@ STATS = (
     "train_loss",  # mean loss over the round's steps
     "steps",  # steps taken
     "cursor",  # samples consumed since the start of the run (data order position)
-    "weight",  # aggregation weight num_samples * keep_ratio ** balance
+    "weight",  # aggregation weight (num_samples or 1) * keep_ratio ** balance
     "bytes_sent",  # payload bytes of this update
     "late",  # 1: stopped at the round's time limit (the update is dropped)
     "finite",  # 1: every value of the update is finite
@@ -137,7 +137,7 @@ class Worker:
 
     # -- one round ----------------------------------------------------------------
     def train_round(self, rnd: int, kept: dict, a: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Train the sub-network of ``kept`` under assignment ``a`` (steps, time_limit, mu, balance)."""
+        """Train the sub-network of ``kept`` under assignment ``a`` (steps, time_limit, mu, balance, weighting)."""
         t_start = time.perf_counter()
         model, idx = build_submodel(self.spec, kept, self.flat)
         start = self.flat[idx]
@@ -160,7 +160,7 @@ class Worker:
         if (self.index + 1, rnd) in self.inject_nan:
             delta[::7] = np.nan  # fault injection for tests (ELFISH_FAULT_NAN)
         finite = bool(np.all(np.isfinite(delta)))
-        weight = worker_weight(len(self.y), keep_ratio(self.spec, kept), a["balance"])
+        weight = worker_weight(len(self.y), keep_ratio(self.spec, kept), a["balance"], a["weighting"])
         stats = {
             "step_time": reported / max(steps, 1),
             "virtual_time": virtual,
@@ -173,16 +173,10 @@ class Worker:
             "finite": float(finite),
             "signal": float(signals.requested() is not None),
         }
-        if self.cfg.strategy.transport == "gather":
-            payload = delta
-        else:  # dense weighted sums; a dropped or non-finite update adds nothing
-            payload = np.zeros((2, self.flat.size), dtype=np.float64)
-            if finite and not late:
-                payload[0, idx] = weight * delta.astype(np.float64)
-                payload[1, idx] = weight
-        stats["bytes_sent"] = payload.nbytes
+        data = transport.payload(self.cfg.strategy.transport, self.flat.size, idx, delta, weight, finite and not late)
+        stats["bytes_sent"] = data.nbytes
         stats["busy_time"] = time.perf_counter() - t_start
-        return np.array([stats[k] for k in STATS], dtype=np.float64), payload
+        return np.array([stats[k] for k in STATS], dtype=np.float64), data
 
     def run(self, do_profile: bool) -> None:
         try:
@@ -200,13 +194,9 @@ class Worker:
                 if cap != self.throttle.capacity:
                     self.throttle.set_capacity(cap, capacities=plan["capacity"])
                 assignment = {k: plan[k][self.index] for k in ("steps", "time_limit", "mu")}
-                assignment["balance"] = plan["balance"]
-                stats, payload = self.train_round(plan["round"], plan["masks"][self.index], assignment)
-                if self.cfg.strategy.transport == "gather":
-                    self.comm.send_update(stats, payload)
-                else:
-                    self.comm.send_stats(stats)
-                    self.comm.reduce_sum(payload, self.cfg.run.round_timeout)
+                assignment.update(balance=plan["balance"], weighting=plan["weighting"])
+                stats, data = self.train_round(plan["round"], plan["masks"][self.index], assignment)
+                transport.send(self.comm, self.cfg.strategy.transport, stats, data, self.cfg.run.round_timeout)
                 supervisor.note(f"after its update of round {plan['round']}, before round {plan['round'] + 1}'s plan arrived")
         finally:
             self.throttle.detach()
