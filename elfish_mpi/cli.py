@@ -43,7 +43,9 @@ def parse_or_report(parser: argparse.ArgumentParser, argv: list[str], prog: str)
     try:
         return parser.parse_args(argv)
     except UsageError as exc:
-        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) in ("0", ""):
+        from .comm import world_rank  # the rank MPI reports, under any launcher
+
+        if world_rank() == 0:
             parser.print_usage(sys.stderr)
             print(f"{prog}: error: {exc}", file=sys.stderr)
         return None
@@ -114,6 +116,30 @@ def normalized_config(raw: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- train
+def _set_value(overrides: list[str], section: str, key: str):
+    """The value the last ``--set section.key=...`` gives, or None."""
+    value = None
+    for text in overrides:
+        s, k, v = parse_override(text)
+        if (s, k) == (section, key):
+            value = v
+    return value
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run directory a ``--resume`` argument belongs to: the directory itself, or the one
+    holding ``checkpoint.h5`` / ``checkpoints/round-N.h5``; None for a file elsewhere."""
+    from . import checkpoint as ckptmod
+
+    if path.is_dir():
+        return path
+    if path.name == ckptmod.LATEST_NAME:
+        return path.parent
+    if path.parent.name == ckptmod.HISTORY_DIR:
+        return path.parent.parent
+    return None
+
+
 def prepare(args, num_workers: int) -> dict:
     """Rank 0's checks before any work. Raises ConfigError/DataError/CheckpointError/UsageError."""
     from . import checkpoint as ckptmod
@@ -142,10 +168,28 @@ def prepare(args, num_workers: int) -> dict:
         cfg = Config.from_dict(raw)
     else:  # the defaults, with any --set overrides
         cfg = load_config(None, args.set)
-    if args.out:
+    explicit_out = args.out or _set_value(args.set, "run", "out")
+    if ckpt is not None:
+        own = run_dir_of(Path(args.resume))
+        if explicit_out:
+            cfg.run.out = str(explicit_out)
+        elif own is not None:
+            if Path(cfg.run.out).resolve() != own.resolve() and args.config:
+                notes.append(f"run.out = {cfg.run.out} of {args.config} is not used: a resumed run writes into its own directory")
+            cfg.run.out = str(own)
+        else:
+            raise UsageError(
+                f"{args.resume} is not in a run directory (DIR/checkpoint.h5 or DIR/checkpoints/round-N.h5); "
+                "say where the resumed run goes with --out"
+            )
+        target = Path(cfg.run.out).resolve()
+        if (own is None or target != own.resolve()) and (target / ckptmod.LATEST_NAME).exists():
+            raise UsageError(
+                f"run directory {cfg.run.out} holds another run's checkpoint; a resumed run writes into its own "
+                f"directory{f' ({own})' if own is not None else ''} or into a fresh --out"
+            )
+    elif args.out:
         cfg.run.out = args.out
-    elif ckpt is not None and not args.config and Path(args.resume).is_dir():
-        cfg.run.out = str(Path(args.resume))
     cfg.check_world(num_workers)
     if cfg.workers.trace:
         from .fleet import load_trace

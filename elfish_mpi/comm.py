@@ -21,6 +21,11 @@ TAG_VALUES = 12
 _POLL = 0.0005
 
 
+def world_rank() -> int:
+    """This process's rank in MPI_COMM_WORLD (0 outside a launcher)."""
+    return MPI.COMM_WORLD.Get_rank()
+
+
 class RoundTimeout(RuntimeError):
     """Workers did not deliver their update in time."""
 

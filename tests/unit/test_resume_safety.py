@@ -1,0 +1,138 @@
+"""Jobs launched with mpiexec as a user launches them: a resume writes only into its own run
+directory (or a fresh --out), what the checkpoint records is what happened (kept shares,
+its own writing time, the same on resume), and usage errors are printed once per job."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from proc_tools import clean_env
+from test_cli_job import ROOT, TIMEOUT, launch, snapshot, tiny
+from test_faults import open_mpi_launcher
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def write_config(path: Path, out: Path) -> Path:
+    path.write_text(f'[run]\nout = "{out}"\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two finished 1-round runs, ``other`` and ``mine``, LeNet with worker 2 at keep ratio 0.25."""
+    base = tmp_path_factory.mktemp("two")
+    runs = []
+    for name in ("other", "mine"):
+        out = base / name
+        res = launch(3, *tiny(out, 1), "--set", "strategy.keep_ratios=[1.0, 0.25]")
+        assert res.returncode == 0, res.stderr
+        runs.append(out)
+    return runs[0], runs[1]
+
+
+def test_resume_with_another_runs_config_writes_only_into_its_own_directory(two_runs, tmp_path):
+    # Prepare: other.toml's run.out is the other run's directory (the review's reproduction)
+    other, mine = two_runs
+    config = write_config(tmp_path / "other.toml", other)
+    before = snapshot(other)
+    args = tiny(mine, 3, 2, "--set", "strategy.keep_ratios=[1.0, 0.25]")
+    args = args[2:]  # no --out: where the run goes is the point of the test
+    # Execute
+    res = launch(3, "--resume", str(mine), "--config", str(config), *args)
+    # Assert: the resumed run went on in its own directory; the other run is untouched
+    assert res.returncode == 0, res.stderr
+    assert f"run.out = {other} of {config} is not used" in res.stdout
+    assert snapshot(other) == before
+    with h5py.File(mine / "checkpoint.h5", "r") as f:
+        assert int(f.attrs["round"]) == 3
+
+
+@pytest.mark.parametrize("how", ["--out", "--set"])
+def test_resume_into_another_runs_directory_is_refused(two_runs, how):
+    # Prepare
+    other, mine = two_runs
+    before_other, before_mine = snapshot(other), snapshot(mine)
+    where = ["--out", str(other)] if how == "--out" else ["--set", f"run.out={other}"]
+    # Execute
+    res = launch(3, "--resume", str(mine), *where, "--set", "run.rounds=9")
+    # Assert: one clear line, exit 2, nothing touched
+    assert res.returncode == 2, res.stdout + res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("elfish-mpi: error:")]
+    assert errors == [
+        f"elfish-mpi: error: run directory {other} holds another run's checkpoint; a resumed run writes "
+        f"into its own directory ({mine}) or into a fresh --out"
+    ]
+    assert snapshot(other) == before_other and snapshot(mine) == before_mine
+
+
+def test_resume_from_a_loose_file_needs_an_out(two_runs, tmp_path):
+    # Prepare: a copy of a checkpoint outside any run directory
+    _, mine = two_runs
+    loose = tmp_path / "copy.h5"
+    loose.write_bytes((mine / "checkpoint.h5").read_bytes())
+    # Execute
+    refused = launch(3, "--resume", str(loose), "--set", "run.rounds=9")
+    fresh = tmp_path / "continued"
+    done = launch(3, "--resume", str(loose), "--out", str(fresh), "--set", "run.rounds=4")
+    # Assert
+    assert refused.returncode == 2 and "say where the resumed run goes with --out" in refused.stderr
+    assert done.returncode == 0, done.stderr
+    with h5py.File(fresh / "checkpoint.h5", "r") as f:
+        assert int(f.attrs["round"]) == 4
+
+
+def test_records_are_what_happened_and_survive_a_resume(tmp_path):
+    # Prepare: 2 rounds, a checkpoint every round; then resume it to round 3
+    out = tmp_path / "run"
+    fixed = ("--set", "strategy.keep_ratios=[1.0, 0.25]")
+    first = launch(3, *tiny(out, 2), *fixed)
+    assert first.returncode == 0, first.stderr
+    with h5py.File(out / "checkpoint.h5", "r") as f:
+        at_2 = {k: f["metrics"][k][()] for k in f["metrics"]}
+    # Execute
+    resumed = launch(3, *tiny(out, 3), *fixed, "--resume", str(out))
+    # Assert
+    assert resumed.returncode == 0, resumed.stderr
+    with h5py.File(out / "checkpoint.h5", "r") as f:
+        widths = {"conv1": 20, "conv2": 50, "fc1": 500}
+        for layer, width in widths.items():
+            kept = np.array([[f[f"masks/round_{r:06d}/worker_{w:02d}/{layer}"].size for w in range(2)] for r in (1, 2, 3)])
+            np.testing.assert_array_equal(f[f"workers/keep_ratio_{layer}"][()], kept / width)
+        # conv2 keeps 13 of 50 at ratio 0.25 (keep counts round up): 0.26 is recorded, not 0.25
+        assert f["workers/keep_ratio_conv2"][0, 1] == pytest.approx(0.26)
+        # every checkpointed round records its own writing time, and the resumed run kept it
+        ck_time = f["metrics/checkpoint_time"][()]
+        assert np.all(at_2["checkpoint_time"] > 0) and np.all(ck_time > 0)
+        np.testing.assert_array_equal(ck_time[:2], at_2["checkpoint_time"])
+    with h5py.File(out / "checkpoints" / "round-000002.h5", "r") as f:
+        np.testing.assert_array_equal(f["metrics/checkpoint_time"][()], at_2["checkpoint_time"])
+
+
+def usage_error_lines(cmd: list[str], env: dict) -> tuple[int, list[str]]:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+    return res.returncode, [line for line in res.stderr.splitlines() if "error: unrecognized arguments" in line]
+
+
+def test_usage_error_is_printed_once_under_mpich():
+    # MPICH's hydra sets PMI_RANK
+    cmd = [str(Path(sys.executable).with_name("mpiexec")), "-n", "3", sys.executable, "-m", "elfish_mpi", "train", "--bogus"]
+    code, lines = usage_error_lines(cmd, clean_env())
+    assert code != 0 and lines == ["elfish-mpi: error: unrecognized arguments: --bogus"]
+
+
+def test_usage_error_is_printed_once_without_the_launchers_rank_variable():
+    # Prepare: Open MPI, with OMPI_COMM_WORLD_RANK removed from the ranks' environment, stands for
+    # a launcher whose variables are not known (srun --mpi=pmix sets PMIX_RANK); MPI still
+    # knows each process's rank.
+    launcher, env = open_mpi_launcher()
+    cmd = [*launcher[:-1], "env", "-u", "OMPI_COMM_WORLD_RANK", launcher[-1], "-m", "elfish_mpi", "train", "--bogus"]
+    # Execute
+    code, lines = usage_error_lines(cmd, env)
+    # Assert
+    assert code != 0 and lines == ["elfish-mpi: error: unrecognized arguments: --bogus"]
