@@ -26,9 +26,10 @@ if [ "${ELFISH_TEST_OPENMPI:-1}" != 0 ] && bash launch/setup-openmpi.sh; then
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 1200 \
         /usr/bin/mpiexec.openmpi --oversubscribe -n "$ranks" \
         "${ELFISH_OPENMPI_VENV:-.venv-openmpi}/bin/python" -m pytest -p no:cacheprovider -q --with-mpi tests/mpi
-    echo "== a worker killed under Open MPI is named"
+    echo "== under Open MPI: a killed worker is named; a usage error is printed once without the launcher's rank variable"
     ELFISH_OPENMPI_PYTHON="${ELFISH_OPENMPI_VENV:-.venv-openmpi}/bin/python" \
-        "${ELFISH_VENV:-.venv}/bin/python" -m pytest -p no:cacheprovider -q -rs tests/unit/test_faults.py -k killed_worker_ends
+        "${ELFISH_VENV:-.venv}/bin/python" -m pytest -p no:cacheprovider -q -rs tests/unit/test_faults.py \
+        tests/unit/test_resume_safety.py -k "killed_worker_ends or without_the_launchers_rank_variable"
 elif [ "${ELFISH_TEST_OPENMPI:-1}" != 0 ]; then
     echo "== Open MPI not available here: its MPI test pass is skipped"
 fi

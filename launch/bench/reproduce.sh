@@ -29,11 +29,17 @@ step "2d. FEMNIST natural: the others, 60 rounds, target $target"
 elfish-mpi bench --config $CFG -n 5 --strategies fedavg-drop,fedprox-partial,heterofl,fedrolex,elfish,elfish-naive \
     --seeds 0 "${FEM[@]}" --set run.rounds=60 --clock virtual --target-accuracy "$target" --out "$OUT/2-tta-femnist-others"
 
-# 3. Accuracy at an equal time budget, 3 seeds (virtual clock; every strategy 20 rounds, budget 5.5 s).
-step "3. equal budget, 3 seeds"
-elfish-mpi bench --config $CFG -n 5 --strategies fedavg,fedavg-drop,fedprox-partial,heterofl,fedrolex,elfish,elfish-naive \
-    --seeds 0,1,2 --partitions dirichlet --set data.alpha=0.3 --set workers.throttle=virtual \
-    --clock virtual --time-budget 5.5 --out "$OUT/3-budget"
+# 3. Accuracy at an equal time budget, 5 seeds (virtual clock; every strategy 20 rounds, budget 5.5 s).
+step "3. equal budget, 5 seeds"
+BUDGET=(--config $CFG -n 5 --seeds 0,1,2,3,4 --partitions dirichlet --set data.alpha=0.3 --set workers.throttle=virtual
+        --clock virtual --time-budget 5.5)
+elfish-mpi bench "${BUDGET[@]}" --strategies fedavg,fedavg-drop,fedprox-partial,heterofl,fedrolex,elfish,elfish-naive \
+    --out "$OUT/3-budget"
+# 3b. The aggregation ablation over the balancing exponent b (strategy.balance; 0.5, the default, is in 3).
+for b in 0 1 2; do
+    step "3b. balance exponent $b"
+    elfish-mpi bench "${BUDGET[@]}" --strategies elfish,elfish-naive --set strategy.balance=$b --out "$OUT/3b-balance-$b"
+done
 
 # 7. The paper's setting: AlexNet-style CNN on CIFAR-10, the paper's fleet (1, 0.2, 0.533), virtual clock.
 step "7. CIFAR-10, AlexNet-style, paper fleet"
