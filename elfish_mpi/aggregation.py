@@ -38,14 +38,34 @@ def worker_weight(num_samples: float, keep_ratio: float, balance: float, weighti
     return base * float(keep_ratio) ** float(balance)
 
 
+class RoundSums:
+    """The running sums of one round, O(parameters) whatever the number of updates: ``num``,
+    ``den`` and ``total`` (the sum of the weights of the updates folded in)."""
+
+    def __init__(self, size: int):
+        self.num = np.zeros(size, dtype=np.float64)
+        self.den = np.zeros(size, dtype=np.float64)
+        self.total = 0.0
+
+    def add(self, idx: np.ndarray, delta: np.ndarray, weight: float) -> None:
+        """Fold one update: the change ``delta`` of the elements ``idx`` (each at most once)."""
+        self.num[idx] += weight * np.asarray(delta, dtype=np.float64)
+        self.den[idx] += weight
+        self.total += float(weight)
+
+    def add_sums(self, num: np.ndarray, den: np.ndarray, total: float) -> None:
+        """Fold sums formed elsewhere (an MPI reduction of dense weighted updates)."""
+        self.num += num
+        self.den += den
+        self.total += float(total)
+
+
 def accumulate(size: int, updates) -> tuple[np.ndarray, np.ndarray]:
     """``updates``: iterable of (idx, delta, weight). Returns (num, den) in float64."""
-    num = np.zeros(size, dtype=np.float64)
-    den = np.zeros(size, dtype=np.float64)
+    sums = RoundSums(size)
     for idx, delta, weight in updates:
-        num[idx] += weight * np.asarray(delta, dtype=np.float64)
-        den[idx] += weight
-    return num, den
+        sums.add(idx, delta, weight)
+    return sums.num, sums.den
 
 
 def combine(global_flat: np.ndarray, num: np.ndarray, den: np.ndarray, total_weight: float, mode: str) -> np.ndarray:

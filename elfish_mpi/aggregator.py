@@ -14,7 +14,6 @@ from torch.nn import functional as F
 
 from . import checkpoint as ckptmod
 from . import profiling, signals, supervisor
-from .aggregation import combine
 from .comm import Comm, RankFailure, RoundTimeout
 from .fleet import load_trace
 from .config import Config
@@ -22,11 +21,12 @@ from .masking import compute_ratio, keep_ratio, make_masks
 from .models import MaskableCNN, ModelSpec
 from .planner import Planner
 from .strategies import make_strategy
-from .transport import fold, receive
+from .transport import receive
 from .submodel import flat_from_state_dict, flat_params, load_flat, param_index, state_dict_from_flat
-from .worker import STATS
+from .protocol import Plan, pack_masks
 
 STOP_BCAST = "the broadcast that ends the run (a worker rank stopped answering)"
+MASKS_BCAST = "the broadcast of the round's masks (a worker rank stopped answering)"
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
@@ -135,15 +135,15 @@ class Aggregator:
                 for w in range(self.num_workers)
             ]
             capacity = self.trace.capacities(rnd, self.start_capacity) if self.trace else self.start_capacity
-            # 2. broadcast the plan and the global model
-            plan = {
-                "stop": False, "round": rnd, "masks": masks, "capacity": capacity, "balance": self.strategy.balance,
-                "weighting": self.strategy.weighting,
-                "steps": [a.steps for a in assignments], "time_limit": [a.time_limit for a in assignments],
-                "mu": [a.mu for a in assignments],
-            }
+            # 2. broadcast the plan, the masks (packed bits) and the global model
+            plan = Plan(
+                round=rnd, steps=tuple(a.steps for a in assignments), time_limit=tuple(a.time_limit for a in assignments),
+                mu=tuple(a.mu for a in assignments), capacity=tuple(capacity), balance=self.strategy.balance,
+                weighting=self.strategy.weighting,
+            )
             try:
                 self.comm.bcast_obj(plan, timeout=cfg.run.round_timeout)
+                self.comm.bcast_array(pack_masks(spec, masks), cfg.run.round_timeout, what=MASKS_BCAST)
                 self.comm.bcast_array(self.flat, cfg.run.round_timeout)
             except RoundTimeout as exc:  # (or StopTimeout: stopping, and a worker does not answer)
                 self.save_pending()
@@ -152,23 +152,22 @@ class Aggregator:
                 self.finish_round()
             # 3. collect the masked updates; drop late and non-finite ones; recover the global model
             idxs = [param_index(spec, m) for m in masks]
-            stats, num, den, accepted = self.collect(rnd, idxs)
-            total_weight = float(stats[accepted, STATS.index("weight")].sum())
-            self.flat = combine(self.flat, num, den, total_weight, self.strategy.aggregation)
+            stats, sums, accepted = self.collect(rnd, idxs)
+            self.flat = self.strategy.finish(self.flat, sums)
             if not np.all(np.isfinite(self.flat)):
                 raise FloatingPointError(f"round {rnd}: the aggregated model is not finite")
             round_time = time.perf_counter() - t0
             # 4. learn from the measured times; count which neurons were trained
             for w in range(self.num_workers):
-                self.strategy.observe(w, ratios[w], stats[w, STATS.index("step_time")])
+                self.strategy.observe(w, ratios[w], stats["step_time"][w])
                 if accepted[w]:
                     for name, kept in masks[w].items():
                         self.coverage[name][kept] += 1
-            self.cursors = stats[:, STATS.index("cursor")].astype(np.int64)
+            self.cursors = stats["cursor"].astype(np.int64)
             # 5. record; evaluate, report and checkpoint now, or while the workers train the next round
             keep = [keep_ratio(spec, m) for m in masks]
             self.record(rnd, round_time, stats, keep, ratios, masks, capacity, accepted, time.perf_counter() - t_run)
-            stopped_by = signals.requested() or ("SIGTERM" if stats[:, STATS.index("signal")].any() else None)
+            stopped_by = signals.requested() or ("SIGTERM" if stats["signal"].any() else None)
             self.pending = (rnd, round_time, keep, stats, bool(stopped_by))
             if rnd == cfg.run.rounds or stopped_by or not cfg.run.overlap_eval:
                 self.finish_round()
@@ -178,9 +177,9 @@ class Aggregator:
                     f"continue with --resume {self.out}",
                     flush=True,
                 )
-                self.comm.bcast_obj({"stop": True}, what=STOP_BCAST)
+                self.comm.bcast_obj(Plan.stop_message(), what=STOP_BCAST)
                 return signals.EXIT_PREEMPTED
-        self.comm.bcast_obj({"stop": True}, what=STOP_BCAST)
+        self.comm.bcast_obj(Plan.stop_message(), what=STOP_BCAST)
         self.summary()
         return 0
 
@@ -211,37 +210,42 @@ class Aggregator:
                 print(f"elfish-mpi: could not write the pending checkpoint: {exc}", file=sys.stderr, flush=True)
 
     def collect(self, rnd: int, idxs: list[np.ndarray]):
-        """Stats, the weighted sums (num, den) of the accepted updates, and which were accepted."""
-        transport = self.cfg.strategy.transport
+        """The workers' records, the round's sums of the accepted updates (folded by the
+        strategy as they arrive) and which updates were accepted (in time, finite)."""
+        sums = self.strategy.begin(self.flat.size)
+        finite = np.ones(self.num_workers, dtype=bool)
+
+        def arrived(w: int, record, values: np.ndarray) -> None:
+            finite[w] = bool(np.all(np.isfinite(values)))
+            if finite[w] and not record["late"]:
+                self.strategy.aggregate(sums, idxs[w], values, float(record["weight"]))
+
         try:
-            stats, values, summed = receive(
-                self.comm, transport, [len(i) for i in idxs], self.flat.size, len(STATS), self.cfg.run.round_timeout
-            )
+            stats, summed = receive(self.comm, self.cfg.strategy.transport, [len(i) for i in idxs], self.flat.size,
+                                    self.cfg.run.round_timeout, arrived)
         except (RoundTimeout, RankFailure) as exc:
             self.save_pending()
             raise type(exc)(f"round {rnd}: {exc}") from None
-        if values is not None:
-            finite = np.array([bool(np.all(np.isfinite(v))) for v in values])
-        else:
-            finite = stats[:, STATS.index("finite")] > 0
-        late = stats[:, STATS.index("late")] > 0
-        accepted = finite & ~late
+        if summed is not None:  # reduce: the workers left out what does not count
+            finite = stats["finite"] > 0
+        accepted = finite & ~(stats["late"] > 0)
+        if summed is not None:
+            sums.add_sums(summed[0], summed[1], float(stats["weight"][accepted].sum()))
         for w in np.flatnonzero(~finite):
             print(f"elfish-mpi: round {rnd}: rejected the non-finite update of worker rank {w + 1}", flush=True)
-        num, den = fold(self.flat.size, idxs, values, summed, stats[:, STATS.index("weight")], accepted)
-        return stats, num, den, accepted
+        return stats, sums, accepted
 
     # -- records -------------------------------------------------------------------------
     def record(self, rnd, round_time, stats, keep, ratios, masks, capacity, accepted, elapsed) -> None:
-        col = {name: stats[:, i] for i, name in enumerate(STATS)}
+
         row = {
             "round": rnd,
             "round_time": round_time,
-            "virtual_time": float(col["virtual_time"].max()),
+            "virtual_time": float(stats["virtual_time"].max()),
             "wall_clock": self.wall_offset + elapsed,
             "test_accuracy": float("nan"),  # filled in by finish_round where evaluated
             "test_loss": float("nan"),
-            "train_loss": float(np.average(col["train_loss"], weights=col["num_samples"])),
+            "train_loss": float(np.average(stats["train_loss"], weights=stats["num_samples"])),
             "updates_accepted": int(accepted.sum()),
             "eval_time": 0.0,
             "checkpoint_time": 0.0,
@@ -251,18 +255,18 @@ class Aggregator:
         per_worker = {
             "keep_ratio": keep,
             "compute_ratio": [compute_ratio(self.spec, m) for m in masks],
-            "busy_time": col["busy_time"],
-            "idle_time": np.maximum(round_time - col["busy_time"], 0.0),
-            "virtual_time": col["virtual_time"],
-            "num_samples": col["num_samples"],
-            "step_time": col["step_time"],
-            "train_loss": col["train_loss"],
-            "weight": col["weight"],
-            "bytes_sent": col["bytes_sent"],
+            "busy_time": stats["busy_time"],
+            "idle_time": np.maximum(round_time - stats["busy_time"], 0.0),
+            "virtual_time": stats["virtual_time"],
+            "num_samples": stats["num_samples"],
+            "step_time": stats["step_time"],
+            "train_loss": stats["train_loss"],
+            "weight": stats["weight"],
+            "bytes_sent": stats["bytes_sent"],
             "capacity": capacity,
-            "steps": col["steps"],
-            "dropped": col["late"],
-            "rejected": 1.0 - col["finite"],
+            "steps": stats["steps"],
+            "dropped": stats["late"],
+            "rejected": 1.0 - stats["finite"],
         }
         widths = self.spec.full_widths()
         for name in self.spec.maskable:  # the share kept (keep counts round up), not the ratio asked for
@@ -274,7 +278,7 @@ class Aggregator:
     def report(self, rnd, acc, round_time, keep, stats) -> None:
         acc_s = f"{acc:6.2%}" if np.isfinite(acc) else "   -  "
         keeps = " ".join(f"{k:.2f}" for k in keep)
-        dropped = int(stats[:, STATS.index("late")].sum())
+        dropped = int(stats["late"].sum())
         extra = f"  dropped {dropped}" if dropped else ""
         print(f"round {rnd:4d}/{self.cfg.run.rounds}  acc {acc_s}  time {round_time:7.3f}s  keep [{keeps}]{extra}", flush=True)
 

@@ -126,9 +126,10 @@ class Comm:
         self.comm.Abort(code)
 
     # -- tensors ------------------------------------------------------------
-    def bcast_array(self, arr: np.ndarray, timeout: float | None = None) -> np.ndarray:
+    def bcast_array(self, arr: np.ndarray, timeout: float | None = None,
+                    what: str = "the broadcast of the model (a worker rank stopped answering)") -> np.ndarray:
         """Broadcast ``arr`` from rank 0 in place (every rank passes a buffer of the same shape)."""
-        self.wait(self.comm.Ibcast(arr, root=0), timeout, "the broadcast of the model (a worker rank stopped answering)")
+        self.wait(self.comm.Ibcast(arr, root=0), timeout, what)
         return arr
 
     def gather_rows(self, row: np.ndarray) -> np.ndarray | None:
@@ -145,45 +146,73 @@ class Comm:
         self.wait(self.comm.Isend(stats, dest=0, tag=TAG_STATS))
         self.wait(self.comm.Isend(values, dest=0, tag=TAG_VALUES))
 
+    @staticmethod
+    def _test(request, owner, what: str) -> bool:
+        """Whether ``request`` completed; RankFailure naming ``owner`` when its rank failed."""
+        try:
+            return request.Test()
+        except MPI.Exception as exc:
+            raise RankFailure(f"worker rank {owner} failed while rank 0 waited for its {what}: "
+                              f"{exc.Get_error_string().splitlines()[0]}") from None
+
     def _wait_all(self, requests: list, owners: list, timeout: float, what: str) -> None:
         pending = set(range(len(requests)))
         started = time.monotonic()
         deadline = started + timeout
         while pending:
             for i in list(pending):
-                try:
-                    done = requests[i].Test()
-                except MPI.Exception as exc:
-                    raise RankFailure(f"worker rank {owners[i]} failed while rank 0 waited for its {what}: "
-                                      f"{exc.Get_error_string().splitlines()[0]}") from None
-                if done:
+                if self._test(requests[i], owners[i], what):
                     pending.discard(i)
             if not pending:
                 break
             timed_out, stop = time.monotonic() > deadline, self._stop_overdue(started)
             if timed_out or stop:
-                late = ", ".join(map(str, sorted({owners[i] for i in pending})))
-                for i in pending:  # withdraw the receives so that no late message lands in them
-                    try:
-                        requests[i].Cancel()
-                    except MPI.Exception:
-                        pass
-                if timed_out:
-                    raise RoundTimeout(f"no {what} from worker rank(s) {late} within run.round_timeout = {timeout:g} s")
-                raise self._stop_timeout(f"no {what} came from worker rank(s) {late}")
+                self._give_up([requests[i] for i in pending], [owners[i] for i in pending], timed_out, timeout, what)
             time.sleep(_POLL)
 
-    def recv_updates(self, sizes: list[int], stats_len: int, timeout: float) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Rank 0: each worker's stats and kept values (``sizes[w]`` float32 values from rank w + 1)."""
+    def _give_up(self, requests: list, owners: list, timed_out: bool, timeout: float, what: str):
+        """Withdraw the receives still pending (so that no late message lands in them) and raise
+        RoundTimeout (or StopTimeout) naming their ranks."""
+        for req in requests:
+            try:
+                req.Cancel()
+            except MPI.Exception:
+                pass
+        late = ", ".join(map(str, sorted(set(owners))))
+        if timed_out:
+            raise RoundTimeout(f"no {what} from worker rank(s) {late} within run.round_timeout = {timeout:g} s")
+        raise self._stop_timeout(f"no {what} came from worker rank(s) {late}")
+
+    def stream_updates(self, sizes: list[int], stats_len: int, timeout: float, on_update) -> np.ndarray:
+        """Rank 0: every worker's stats (returned, a row a worker) and kept values (``sizes[w]``
+        float32 values from rank w + 1). Each worker's values go to ``on_update(w, stats_row,
+        values)`` in worker order (so that sums come out the same in every run), received into
+        one reused buffer: memory does not grow with the number of workers. A worker that
+        finished early waits in its send until rank 0 gets to it, which costs it nothing: the
+        next round starts after the aggregation anyway. Late ranks are named by their stats,
+        which a worker sends first."""
         stats = np.empty((len(sizes), stats_len), dtype=np.float64)
-        values = [np.empty(n, dtype=np.float32) for n in sizes]
-        reqs, owners = [], []
-        for w, n in enumerate(sizes):
-            reqs.append(self.comm.Irecv(stats[w], source=w + 1, tag=TAG_STATS))
-            reqs.append(self.comm.Irecv(values[w], source=w + 1, tag=TAG_VALUES))
-            owners += [w + 1, w + 1]
-        self._wait_all(reqs, owners, timeout, "update")
-        return stats, values
+        stat_reqs = [self.comm.Irecv(stats[w], source=w + 1, tag=TAG_STATS) for w in range(len(sizes))]
+        stats_in = np.zeros(len(sizes), dtype=bool)
+        buf = np.empty(max(sizes, default=0), dtype=np.float32)
+        started = time.monotonic()
+        deadline = started + timeout
+        for w in range(len(sizes)):
+            values = buf[: sizes[w]]
+            req = self.comm.Irecv(values, source=w + 1, tag=TAG_VALUES)
+            while True:
+                for v in np.flatnonzero(~stats_in):
+                    stats_in[v] = self._test(stat_reqs[v], v + 1, "update")
+                if stats_in[w] and self._test(req, w + 1, "update"):
+                    break
+                timed_out, stop = time.monotonic() > deadline, self._stop_overdue(started)
+                if timed_out or stop:
+                    late = [v + 1 for v in np.flatnonzero(~stats_in)] or [w + 1]
+                    waiting = [req] + [stat_reqs[v] for v in np.flatnonzero(~stats_in)]
+                    self._give_up(waiting, late, timed_out, timeout, "update")
+                time.sleep(_POLL)
+            on_update(w, stats[w], values)
+        return stats
 
     def recv_stats(self, num_workers: int, stats_len: int, timeout: float) -> np.ndarray:
         stats = np.empty((num_workers, stats_len), dtype=np.float64)

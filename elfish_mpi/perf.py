@@ -83,8 +83,9 @@ def transport(args) -> int:
     from .masking import make_masks
     from .models import get_spec
     from .submodel import num_params, param_index
-    from .transport import fold, payload, receive, send
-    from .worker import STATS
+    from .protocol import new_update
+    from .aggregation import RoundSums
+    from .transport import payload, receive, send
 
     comm = Comm()
     workers = comm.size - 1
@@ -105,15 +106,16 @@ def transport(args) -> int:
         for rep in range(args.repeats + 1):
             comm.barrier()
             t0 = time.perf_counter()
-            if comm.rank == 0:  # the round loop's own receive and fold (transport.py, aggregation.py)
-                stats, values, summed = receive(comm, mode, [len(i) for i in idxs], size, len(STATS), 600)
-                fold(size, idxs, values, summed, stats[:, STATS.index("weight")], np.ones(workers, dtype=bool))
+            if comm.rank == 0:  # the round loop's own receive and fold (transport.py, aggregation.RoundSums)
+                sums = RoundSums(size)
+                records, summed = receive(comm, mode, [len(i) for i in idxs], size, 600,
+                                          lambda w, rec, values: sums.add(idxs[w], values, rec["weight"]))
+                if summed is not None:
+                    sums.add_sums(summed[0], summed[1], float(records["weight"].sum()))
             else:  # a worker's own payload and send
                 idx = idxs[comm.rank - 1]
                 delta = rng.standard_normal(len(idx)).astype(np.float32)
-                stats = np.zeros(len(STATS))
-                stats[STATS.index("weight")] = 1.0
-                send(comm, mode, stats, payload(mode, size, idx, delta, 1.0, True), 600)
+                send(comm, mode, new_update(weight=1.0), payload(mode, size, idx, delta, 1.0, True), 600)
             comm.barrier()
             if rep:  # the first repetition warms up
                 samples.append(time.perf_counter() - t0)

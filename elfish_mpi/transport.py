@@ -8,14 +8,15 @@
   nothing, and everywhere when its update is not to count).
 
 Either way rank 0 ends with ``num = sum_k w_k m_k delta_k`` and ``den = sum_k w_k m_k``
-(aggregation.py). The round loop and ``elfish-mpi perf transport`` both use these
-functions, so the benchmark measures the code that runs.
+(aggregation.py), folded by the strategy as each update arrives (gather) or from the
+reduction, in O(parameters) memory. The round loop and ``elfish-mpi perf transport`` both
+use these functions, so the benchmark measures the code that runs.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .aggregation import accumulate
+from .protocol import UPDATE_FIELDS, update_buffer, updates_from_buffer
 
 TRANSPORTS = ("gather", "reduce")
 
@@ -34,8 +35,9 @@ def payload(transport: str, size: int, idx: np.ndarray, delta: np.ndarray, weigh
     return dense
 
 
-def send(comm, transport: str, stats: np.ndarray, data: np.ndarray, timeout: float) -> None:
-    """A worker's half of the round's collection."""
+def send(comm, transport: str, record: np.ndarray, data: np.ndarray, timeout: float) -> None:
+    """A worker's half of the round's collection: its :data:`protocol.UPDATE` record and ``data``."""
+    stats = update_buffer(record)
     if transport == "gather":
         comm.send_update(stats, data)
     else:
@@ -43,20 +45,17 @@ def send(comm, transport: str, stats: np.ndarray, data: np.ndarray, timeout: flo
         comm.reduce_sum(data, timeout)
 
 
-def receive(comm, transport: str, sizes: list[int], size: int, stats_len: int, timeout: float):
-    """Rank 0's half: ``(stats, values, summed)``; ``values`` (each worker's kept values) for
-    gather, ``summed`` (the reduced ``[num, den]``) for reduce, the other None."""
+def receive(comm, transport: str, sizes: list[int], size: int, timeout: float, on_update):
+    """Rank 0's half: the workers' :data:`protocol.UPDATE` records, and the reduced
+    ``[num, den]`` for reduce (None for gather). With gather, each worker's record and kept
+    values go to ``on_update(w, record, values)`` as they arrive (the values buffer is reused:
+    fold it, do not keep it)."""
     if transport == "gather":
-        stats, values = comm.recv_updates(sizes, stats_len, timeout)
-        return stats, values, None
-    stats = comm.recv_stats(len(sizes), stats_len, timeout)
+        def arrived(w: int, row: np.ndarray, values: np.ndarray) -> None:
+            on_update(w, updates_from_buffer(row[None])[0], values)
+
+        stats = comm.stream_updates(sizes, UPDATE_FIELDS, timeout, arrived)
+        return updates_from_buffer(stats), None
+    stats = comm.recv_stats(len(sizes), UPDATE_FIELDS, timeout)
     summed = comm.reduce_sum(np.zeros((2, size), dtype=np.float64), timeout)
-    return stats, None, summed
-
-
-def fold(size: int, idxs: list[np.ndarray], values, summed, weights: np.ndarray, accepted: np.ndarray):
-    """``(num, den)`` of the accepted updates from what :func:`receive` returned. (With
-    reduce the workers left out the updates that do not count themselves.)"""
-    if summed is not None:
-        return summed[0], summed[1]
-    return accumulate(size, ((idxs[w], values[w], weights[w]) for w in np.flatnonzero(accepted)))
+    return updates_from_buffer(stats), summed

@@ -1,4 +1,5 @@
-"""Ranks >= 1: profile once, then each round receive (plan, model), train, send (update, timings)."""
+"""Ranks >= 1: profile once, then each round receive (plan, masks, model), train, send (record,
+update); the messages are declared in protocol.py."""
 from __future__ import annotations
 
 import os
@@ -13,26 +14,12 @@ from . import profiling, signals, supervisor, transport
 from .comm import Comm
 from .config import Config
 from .masking import keep_ratio, make_masks
+from .protocol import Plan, Task, mask_buffer, new_update, unpack_masks
 from .models import MaskableCNN, ModelSpec
 from .aggregation import worker_weight
 from .submodel import build_submodel, flat_params, num_params
 from .throttle import Throttle
 
-# The float64 stats vector every worker sends with its update, in this order.
-STATS = (
-    "busy_time",  # wall seconds from model received to update sent
-    "step_time",  # mean seconds per step in the planning clock (wall, or virtual for throttle=virtual)
-    "virtual_time",  # CPU seconds / capacity spent training this round
-    "num_samples",  # training samples the worker holds
-    "train_loss",  # mean loss over the round's steps
-    "steps",  # steps taken
-    "cursor",  # samples consumed since the start of the run (data order position)
-    "weight",  # aggregation weight (num_samples or 1) * keep_ratio ** balance
-    "bytes_sent",  # payload bytes of this update
-    "late",  # 1: stopped at the round's time limit (the update is dropped)
-    "finite",  # 1: every value of the update is finite
-    "signal",  # 1: this rank received a stop signal (SIGTERM / SIGUSR1)
-)
 _DATA_STREAM = 0x64617461
 
 
@@ -136,47 +123,39 @@ class Worker:
         return np.concatenate([times, macs, mem])
 
     # -- one round ----------------------------------------------------------------
-    def train_round(self, rnd: int, kept: dict, a: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Train the sub-network of ``kept`` under assignment ``a`` (steps, time_limit, mu, balance, weighting)."""
+    def train_round(self, rnd: int, kept: dict, task: Task) -> tuple[np.ndarray, np.ndarray]:
+        """Train the sub-network of ``kept`` as ``task`` says; (UPDATE record, payload)."""
         t_start = time.perf_counter()
         model, idx = build_submodel(self.spec, kept, self.flat)
         start = self.flat[idx]
         opt = torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr, momentum=self.cfg.train.momentum)
-        anchor = [p.detach().clone() for p in model.parameters()] if a["mu"] > 0 else None
+        anchor = [p.detach().clone() for p in model.parameters()] if task.mu > 0 else None
         reported = virtual = loss_sum = 0.0
         steps, late = 0, False
-        for _ in range(a["steps"]):
-            if a["time_limit"] and reported >= a["time_limit"]:
+        for _ in range(task.steps):
+            if task.time_limit and reported >= task.time_limit:
                 late = True  # out of time: stop here; the update is dropped
                 break
             b = self.sampler.next()
-            loss, t = self.throttle.run(train_step, model, opt, self.x[b], self.y[b], anchor, a["mu"])
+            loss, t = self.throttle.run(train_step, model, opt, self.x[b], self.y[b], anchor, task.mu)
             reported += t.reported
             virtual += t.virtual
             loss_sum += loss
             steps += 1
-        late = late or bool(a["time_limit"] and reported > a["time_limit"])
+        late = late or bool(task.time_limit and reported > task.time_limit)
         delta = flat_params(model) - start
         if (self.index + 1, rnd) in self.inject_nan:
             delta[::7] = np.nan  # fault injection for tests (ELFISH_FAULT_NAN)
         finite = bool(np.all(np.isfinite(delta)))
-        weight = worker_weight(len(self.y), keep_ratio(self.spec, kept), a["balance"], a["weighting"])
-        stats = {
-            "step_time": reported / max(steps, 1),
-            "virtual_time": virtual,
-            "num_samples": len(self.y),
-            "train_loss": loss_sum / max(steps, 1),
-            "steps": steps,
-            "cursor": self.sampler.cursor,
-            "weight": weight,
-            "late": float(late),
-            "finite": float(finite),
-            "signal": float(signals.requested() is not None),
-        }
+        weight = worker_weight(len(self.y), keep_ratio(self.spec, kept), task.balance, task.weighting)
         data = transport.payload(self.cfg.strategy.transport, self.flat.size, idx, delta, weight, finite and not late)
-        stats["bytes_sent"] = data.nbytes
-        stats["busy_time"] = time.perf_counter() - t_start
-        return np.array([stats[k] for k in STATS], dtype=np.float64), data
+        record = new_update(
+            step_time=reported / max(steps, 1), virtual_time=virtual, num_samples=len(self.y),
+            train_loss=loss_sum / max(steps, 1), steps=steps, cursor=self.sampler.cursor, weight=weight,
+            late=float(late), finite=float(finite), signal=float(signals.requested() is not None),
+            bytes_sent=data.nbytes, busy_time=time.perf_counter() - t_start,
+        )
+        return record, data
 
     def run(self, do_profile: bool) -> None:
         try:
@@ -184,19 +163,19 @@ class Worker:
             if do_profile:
                 supervisor.note("while profiling")
                 self.comm.gather_rows(self.profile())
+            masks = mask_buffer(self.spec, self.comm.size - 1)
             while True:
-                plan = self.comm.bcast_obj(None)
-                if plan["stop"]:
+                plan: Plan = self.comm.bcast_obj(None)
+                if plan.stop:
                     return
-                supervisor.note(f"in round {plan['round']}")
+                supervisor.note(f"in round {plan.round}")
+                self.comm.bcast_array(masks)
                 self.comm.bcast_array(self.flat)
-                cap = plan["capacity"][self.index]
-                if cap != self.throttle.capacity:
-                    self.throttle.set_capacity(cap, capacities=plan["capacity"])
-                assignment = {k: plan[k][self.index] for k in ("steps", "time_limit", "mu")}
-                assignment.update(balance=plan["balance"], weighting=plan["weighting"])
-                stats, data = self.train_round(plan["round"], plan["masks"][self.index], assignment)
-                transport.send(self.comm, self.cfg.strategy.transport, stats, data, self.cfg.run.round_timeout)
-                supervisor.note(f"after its update of round {plan['round']}, before round {plan['round'] + 1}'s plan arrived")
+                task = plan.task(self.index)
+                if task.capacity != self.throttle.capacity:
+                    self.throttle.set_capacity(task.capacity, capacities=list(plan.capacity))
+                record, data = self.train_round(plan.round, unpack_masks(self.spec, masks, self.index), task)
+                transport.send(self.comm, self.cfg.strategy.transport, record, data, self.cfg.run.round_timeout)
+                supervisor.note(f"after its update of round {plan.round}, before round {plan.round + 1}'s plan arrived")
         finally:
             self.throttle.detach()

@@ -1,4 +1,6 @@
 """The MPI layer on real ranks: run with `mpiexec -n 3 python -m pytest --with-mpi tests/mpi`."""
+import time
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -36,22 +38,36 @@ def test_gather_rows_stacks_every_rank(comm):
         assert rows is None
 
 
-def test_updates_reach_rank_zero_intact(comm):
+def test_updates_reach_rank_zero_intact_in_worker_order(comm):
+    # Prepare: the workers finish in reverse order (rank 1 last)
     sizes = [5 * (w + 1) for w in range(comm.size - 1)]
     if comm.rank == 0:
-        stats, values = comm.recv_updates(sizes, 3, timeout=30)
-        for w in range(comm.size - 1):
-            np.testing.assert_array_equal(stats[w], [w + 1, 2.0, 3.0])
-            np.testing.assert_array_equal(values[w], np.arange(sizes[w], dtype=np.float32) + w)
+        seen = []
+
+        def arrived(w, row, values):
+            seen.append((w, row.copy(), values.copy()))
+
+        # Execute
+        stats = comm.stream_updates(sizes, 3, 30, arrived)
+        # Assert: every update intact, handed over in worker order whatever the arrival order
+        assert [w for w, _, _ in seen] == list(range(comm.size - 1))
+        for w, row, values in seen:
+            np.testing.assert_array_equal(row, [w + 1, 2.0, 3.0])
+            np.testing.assert_array_equal(stats[w], row)
+            np.testing.assert_array_equal(values, np.arange(sizes[w], dtype=np.float32) + w)
     else:
         w = comm.rank - 1
+        time.sleep(0.2 * (comm.size - 1 - comm.rank))
         comm.send_update(np.array([comm.rank, 2.0, 3.0]), np.arange(sizes[w], dtype=np.float32) + w)
+    comm.barrier()
 
 
 def test_reduce_sum_adds_every_rank(comm):
     out = comm.reduce_sum(np.full((2, 3), float(comm.rank)), timeout=30)
     if comm.rank == 0:
         np.testing.assert_array_equal(out, np.full((2, 3), sum(range(comm.size)), dtype=np.float64))
+    else:
+        assert out is None  # the sum is rank 0's alone
 
 
 def test_missing_update_times_out_naming_the_rank(comm):
@@ -59,7 +75,7 @@ def test_missing_update_times_out_naming_the_rank(comm):
     if comm.rank == 0:
         # Execute / Assert
         with pytest.raises(RoundTimeout) as info:
-            comm.recv_updates([2] * (comm.size - 1), 1, timeout=0.5)
+            comm.stream_updates([2] * (comm.size - 1), 1, 0.5, lambda *update: None)
         silent = ", ".join(str(r) for r in range(2, comm.size))
         assert f"worker rank(s) {silent}" in str(info.value)
     elif comm.rank == 1:

@@ -1,0 +1,124 @@
+"""The round protocol: what rank 0 sends every worker each round and what comes back.
+
+Declared once here and imported by both sides (aggregator.py, worker.py, perf.py). Per round:
+
+1. rank 0 broadcasts a :class:`Plan` (a small frozen dataclass, the only pickled message);
+2. if the plan does not say stop, the round's masks as one packed bit buffer (``Bcast`` of
+   ``uint8``, :func:`pack_masks`: one row per worker, one bit per maskable neuron, layers in
+   the model's order), then the global model (``Bcast`` of float32);
+3. each worker sends back one :data:`UPDATE` record (a numpy structured dtype of float64
+   fields, sent as its raw buffer) and its update (transport.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .models import ModelSpec
+
+# The record every worker sends with its update: one float64 per field, in this order.
+UPDATE = np.dtype([
+    ("busy_time", "f8"),  # wall seconds from model received to update ready
+    ("step_time", "f8"),  # mean seconds per step in the planning clock (wall, or virtual for throttle=virtual)
+    ("virtual_time", "f8"),  # CPU seconds / capacity spent training this round
+    ("num_samples", "f8"),  # training samples the worker holds
+    ("train_loss", "f8"),  # mean loss over the round's steps
+    ("steps", "f8"),  # steps taken
+    ("cursor", "f8"),  # samples consumed since the start of the run (data order position)
+    ("weight", "f8"),  # aggregation weight (num_samples or 1) * keep_ratio ** balance
+    ("bytes_sent", "f8"),  # payload bytes of this update
+    ("late", "f8"),  # 1: stopped at the round's time limit (the update is dropped)
+    ("finite", "f8"),  # 1: every value of the update is finite
+    ("signal", "f8"),  # 1: this rank received a stop signal (SIGTERM / SIGUSR1)
+])
+UPDATE_FIELDS = len(UPDATE.names)
+
+
+def new_update(**values: float) -> np.ndarray:
+    """A 0-d :data:`UPDATE` record; fields not given are 0."""
+    rec = np.zeros((), dtype=UPDATE)
+    for name, value in values.items():
+        rec[name] = value
+    return rec
+
+
+def update_buffer(rec: np.ndarray) -> np.ndarray:
+    """The float64 buffer a record travels as."""
+    return np.frombuffer(np.ascontiguousarray(rec).tobytes(), dtype=np.float64)
+
+
+def updates_from_buffer(buf: np.ndarray) -> np.ndarray:
+    """(workers, fields) float64 as received -> a (workers,) :data:`UPDATE` array."""
+    buf = np.ascontiguousarray(buf, dtype=np.float64)
+    return buf.view(UPDATE).reshape(buf.shape[0])
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one worker does in a round (its part of the :class:`Plan`)."""
+
+    steps: int
+    time_limit: float  # seconds of training after which it stops; its update is dropped (0: none)
+    mu: float  # proximal coefficient
+    capacity: float
+    balance: float
+    weighting: str  # "samples" or "count"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Rank 0's message at the start of every round (``stop``: the run ends instead)."""
+
+    round: int
+    steps: tuple[int, ...] = ()
+    time_limit: tuple[float, ...] = ()
+    mu: tuple[float, ...] = ()
+    capacity: tuple[float, ...] = ()
+    balance: float = 0.0
+    weighting: str = "samples"
+    stop: bool = False
+
+    @classmethod
+    def stop_message(cls) -> "Plan":
+        return cls(round=0, stop=True)
+
+    def task(self, worker: int) -> Task:
+        return Task(
+            steps=int(self.steps[worker]), time_limit=float(self.time_limit[worker]), mu=float(self.mu[worker]),
+            capacity=float(self.capacity[worker]), balance=float(self.balance), weighting=self.weighting,
+        )
+
+
+def mask_bits(spec: ModelSpec) -> int:
+    """Bits of one worker's row: one per maskable neuron."""
+    widths = spec.full_widths()
+    return sum(widths[name] for name in spec.maskable)
+
+
+def mask_buffer(spec: ModelSpec, num_workers: int) -> np.ndarray:
+    """An empty buffer of the packed masks' shape, for a receiving rank."""
+    return np.empty((num_workers, (mask_bits(spec) + 7) // 8), dtype=np.uint8)
+
+
+def pack_masks(spec: ModelSpec, masks: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Every worker's kept neurons (sorted indices per maskable layer) -> packed bits, a row a worker."""
+    widths = spec.full_widths()
+    bits = np.zeros((len(masks), mask_bits(spec)), dtype=bool)
+    for w, kept in enumerate(masks):
+        offset = 0
+        for name in spec.maskable:
+            bits[w, offset + np.asarray(kept[name], dtype=np.int64)] = True
+            offset += widths[name]
+    return np.packbits(bits, axis=1)
+
+
+def unpack_masks(spec: ModelSpec, packed: np.ndarray, worker: int) -> dict[str, np.ndarray]:
+    """One worker's kept neurons (sorted int32 indices per maskable layer) from the packed bits."""
+    widths = spec.full_widths()
+    bits = np.unpackbits(packed[worker], count=mask_bits(spec)).astype(bool)
+    kept, offset = {}, 0
+    for name in spec.maskable:
+        kept[name] = np.flatnonzero(bits[offset : offset + widths[name]]).astype(np.int32)
+        offset += widths[name]
+    return kept
