@@ -196,6 +196,7 @@ AGGREGATIONS = ("balanced", "naive")
 MASK_POLICIES = ("random", "rolling", "ordered")
 TRANSPORTS = ("gather", "reduce")
 WEIGHTINGS = ("auto", "samples", "count")
+FALLBACKS = ("steps", "none")
 
 
 @dataclass(kw_only=True)
@@ -235,6 +236,12 @@ class StrategyConfig:
         "auto",
     )
     replan: bool = _doc("Re-plan every round from the measured round times (elfish).", True)
+    fallback: str = _doc(
+        "When a worker with every layer at min_keep is still predicted to miss the round deadline (elfish): "
+        "steps (it takes only the local steps that fit; recorded in /workers/steps) or none (pure ELFISH: "
+        "it takes every step and the round waits for it).",
+        "steps",
+    )
     mu: float = _doc("Proximal coefficient of fedprox-partial: the local loss gains mu/2 * ||w - w_global||^2.", 0.01)
     profile_steps: int = _doc("Training steps timed per keep-ratio configuration at start-up.", 3)
     transport: str = _doc("How updates reach rank 0: gather (each worker sends only its kept values) or reduce (an MPI sum of dense weighted updates and coverage).", "gather")
@@ -252,6 +259,7 @@ class StrategyConfig:
         _number("strategy.deadline", self.deadline, 0.0, 1e7)
         _number("strategy.balance", self.balance, 0.0, 10.0)
         _choice("strategy.weighting", self.weighting, WEIGHTINGS)
+        _choice("strategy.fallback", self.fallback, FALLBACKS)
         if not isinstance(self.replan, bool):
             raise ConfigError(f"strategy.replan = {self.replan!r} must be true or false")
         _positive_int("strategy.profile_steps", self.profile_steps)

@@ -12,14 +12,23 @@ noise does not thin a worker that is as fast as the fastest. ELFISH and HeteroFL
 plan to meet it, FedProx with partial work fits its steps into it, and FedAvg with a
 deadline drops an update that misses it. A worker that meets it with the full model
 trains the full model. Otherwise the planner removes neurons greedily, ``step`` of a layer's width
-at a time: each move cuts the layer whose neurons are the most resource-intensive, i.e. the
-cut that saves the most predicted time per neuron removed, never below ``min_keep``, until
-the prediction meets the deadline (or every layer is at ``min_keep``).
+(at least one neuron) at a time: each move cuts the layer whose neurons are the most
+resource-intensive, i.e. the cut that saves the most predicted time per neuron it really
+removes, never below ``min_keep`` (in whole neurons, rounded up) and never a move that saves
+nothing, until the prediction meets the deadline or every layer is at its floor. Plans are
+whole numbers of neurons: a layer's ratio is its kept count over its width.
+
+When even the floor misses the deadline, ``strategy.fallback = "steps"`` has the worker take
+only the local steps that fit in it (:meth:`Planner.steps_within` at its plan, recorded in
+``/workers/steps``); ``"none"`` (pure ELFISH) keeps every step and the round waits.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from .masking import keep_count
 from .models import ModelSpec
 from .profiling import macs_fraction
 
@@ -74,23 +83,31 @@ class Planner:
         return self.round_deadline() / self.local_steps
 
     def plan_worker(self, worker: int, target: float) -> dict[str, float]:
-        ratios = {name: 1.0 for name in self._widths}
-        current = self.predict(worker, ratios)
+        """Keep ratios (each a whole number of neurons over the layer's width) that meet
+        ``target`` seconds per step, cutting greedily where a removed neuron saves the most."""
+        kept = dict(self._widths)
+        floor = {name: keep_count(width, self.min_keep) for name, width in self._widths.items()}
+        current = self.predict(worker, self._ratios(kept))
         while current > target:
             best, best_gain, best_time = None, 0.0, current
             for name, width in self._widths.items():
-                r = round(ratios[name] - self.step, 10)
-                if r < self.min_keep - 1e-9:
-                    continue
-                trial = dict(ratios, **{name: r})
-                t = self.predict(worker, trial)
-                gain = (current - t) / (self.step * width)
+                k = max(floor[name], kept[name] - max(1, math.ceil(self.step * width - 1e-9)))
+                if k >= kept[name]:
+                    continue  # at its floor
+                trial = dict(kept, **{name: k})
+                t = self.predict(worker, self._ratios(trial))
+                if t >= current:
+                    continue  # a move that saves nothing is no move
+                gain = (current - t) / (kept[name] - k)  # seconds saved per neuron really removed
                 if best is None or gain > best_gain:
                     best, best_gain, best_time = trial, gain, t
             if best is None:
                 break
-            ratios, current = best, best_time
-        return ratios
+            kept, current = best, best_time
+        return self._ratios(kept)
+
+    def _ratios(self, kept: dict[str, int]) -> dict[str, float]:
+        return {name: kept[name] / width for name, width in self._widths.items()}
 
     def plan(self) -> list[dict[str, float]]:
         target = self.deadline_step()
@@ -108,10 +125,11 @@ class Planner:
             out.append(r)
         return out
 
-    def steps_within(self, worker: int, steps: int) -> int:
-        """How many full-model steps ``worker`` fits in the deadline's ``steps`` steps (>= 1)."""
-        full = self.predict(worker, {n: 1.0 for n in self._widths})
-        return int(max(1, min(steps, np.floor(self.round_deadline() / full + 1e-9)))) if full > 0 else steps
+    def steps_within(self, worker: int, steps: int, ratios: dict[str, float] | None = None) -> int:
+        """How many of ``steps`` steps ``worker`` fits in the round deadline at ``ratios``
+        (default: the full model); at least 1."""
+        t = self.predict(worker, ratios or {n: 1.0 for n in self._widths})
+        return int(max(1, min(steps, np.floor(self.round_deadline() / t + 1e-9)))) if t > 0 else steps
 
     def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:
         """Fold a measured time per step into the worker's scale."""

@@ -2,9 +2,11 @@
 
 A strategy's ``configure(round)`` gives one :class:`Assignment` per worker: keep ratio per
 maskable layer, local steps, a time limit and a proximal coefficient. It also names the
-mask policy (which neurons the ratios keep), the aggregation mode, the weighting of the
-updates and the balancing exponent. The round loop turns assignments into masks
-(masking.py) and updates into the new model (aggregation.py). Every strategy runs on the
+mask policy (which neurons the ratios keep), the weighting of the updates and the balancing
+exponent. It owns its aggregation rule: ``begin`` opens a round's sums, ``aggregate`` folds
+each accepted update into them as it arrives, ``finish`` returns the new model (by default
+the masked, weighted recovery of aggregation.py, ``balanced`` or ``naive``). The round loop
+calls these and knows no rule by name; a new rule is a new method. Every strategy runs on the
 same MPI path, data, seeds and throttled fleet, so they compare fairly; every strategy
 that has a round deadline faces the same one, :meth:`Planner.round_deadline`.
 
@@ -30,6 +32,8 @@ and FedRolex's official code); ``auto`` is each strategy's own paper's rule.
 - ``elfish`` (Xu et al., 2019): profile-guided per-layer keep ratios that cut the most
   resource-intensive neurons first, re-planned every round from measured times (or fixed
   by ``strategy.keep_ratios``); a fresh random mask every round (``strategy.mask_policy``);
+  a worker that misses the deadline even with every layer at ``min_keep`` takes the steps
+  that fit (``strategy.fallback = steps``, the default) or all of them (``none``);
   ``strategy.aggregation`` balanced (default) or naive (the ablation), weights
   ``num_samples * keep_ratio ** strategy.balance``.
 """
@@ -37,6 +41,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from .aggregation import RoundSums, combine
 from .config import Config
 from .models import ModelSpec
 from .planner import Planner
@@ -109,6 +116,18 @@ class Strategy:
     def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:
         if self.planner is not None:
             self.planner.observe(worker, ratios, measured_step)
+
+    # -- aggregation: begin a round's sums, fold each accepted update as it arrives, finish
+    def begin(self, size: int) -> RoundSums:
+        return RoundSums(size)
+
+    def aggregate(self, sums: RoundSums, idx: np.ndarray, delta: np.ndarray, weight: float) -> None:
+        """Fold one accepted update (the change of the elements ``idx``) into the round's sums."""
+        sums.add(idx, delta, weight)
+
+    def finish(self, global_flat: np.ndarray, sums: RoundSums) -> np.ndarray:
+        """The new global model; an element no accepted update trained keeps its value."""
+        return combine(global_flat, sums.num, sums.den, sums.total, self.aggregation)
 
 
 class FedAvg(Strategy):
@@ -186,7 +205,12 @@ class Elfish(Strategy):
         fixed = self.cfg.strategy.keep_ratios
         if fixed:
             return [Assignment(self.uniform(r), steps) for r in fixed]
-        return [Assignment(r, steps) for r in self.require_planner().plan()]
+        planner = self.require_planner()
+        plans = planner.plan()
+        if self.cfg.strategy.fallback == "none":
+            return [Assignment(r, steps) for r in plans]
+        # the way out when masking alone cannot meet the deadline: fewer steps (all where it can)
+        return [Assignment(r, planner.steps_within(w, steps, r)) for w, r in enumerate(plans)]
 
 
 STRATEGIES = {cls.name: cls for cls in (FedAvg, FedAvgDrop, FedProxPartial, HeteroFL, FedRolex, Elfish)}

@@ -145,7 +145,60 @@ def test_unreachable_deadline_puts_every_layer_at_min_keep():
 
     # Assert
     assert plans[0] == FULL
-    assert plans[1] == pytest.approx({name: 0.25 for name in FULL})
+    # the floor in whole neurons, rounded up: 5 of 20, 13 of 50, 125 of 500
+    assert plans[1] == {"conv1": 5 / 20, "conv2": 13 / 50, "fc1": 125 / 500}
+
+
+def test_plans_are_whole_neurons_and_credit_the_neurons_really_removed():
+    # Prepare: workers from 1x to 6x slow (compute-bound), on both models
+    for spec in (lenet(), alexnet()):
+        widths = {layer.name: layer.out for layer in spec.layers if layer.maskable}
+        planner = _planner([0.0] * 6, [1.0, 1.5, 2.0, 3.0, 4.5, 6.0], spec=spec)
+
+        # Execute
+        plans = planner.plan()
+
+        # Assert: every ratio is a kept count over the width, and make_masks keeps exactly it
+        for plan in plans:
+            for name, r in plan.items():
+                assert r * widths[name] == pytest.approx(round(r * widths[name]))
+            assert planner.predict(plans.index(plan), plan) <= planner.deadline_step() or min(plan.values()) <= 0.27
+
+
+def test_a_move_that_saves_nothing_is_not_made():
+    # Prepare: the second worker's time is all fixed cost: no cut saves anything
+    planner = _planner([0.0, 3.0], [1.0, 0.0])
+
+    # Execute
+    fast, slow = planner.plan()
+
+    # Assert: it keeps the full model (thinning it would cost accuracy for no time)
+    assert fast == FULL and slow == FULL
+
+
+def test_fallback_steps_engage_only_when_masking_cannot_meet_the_deadline():
+    from elfish_mpi.config import load_config
+    from elfish_mpi.strategies import make_strategy
+
+    def planned(fallback, alpha, beta):
+        strategy = make_strategy(load_config(None, [f"strategy.fallback={fallback}", "train.local_steps=10"]), LENET, 3)
+        strategy.planner = _planner(alpha, beta)
+        return strategy.configure(1), strategy.planner
+
+    # Prepare / Execute: worker 2 is 4x slow (masking suffices); worker 3 has a fixed cost of
+    # 1 s per step, which no mask removes, against a deadline of 1.1 s per step
+    alpha, beta = [0.0, 0.0, 1.0], [1.0, 4.0, 4.0]
+    on, planner = planned("steps", alpha, beta)
+    off, _ = planned("none", alpha, beta)
+
+    # Assert
+    assert [a.steps for a in on[:2]] == [10, 10]  # masking met the deadline: no fallback
+    floor = {"conv1": 5 / 20, "conv2": 13 / 50, "fc1": 125 / 500}
+    assert on[2].ratios == floor and off[2].ratios == floor
+    expected = int(planner.round_deadline() // planner.predict(2, floor))
+    assert 1 <= on[2].steps == expected < 10
+    assert planner.predict(2, floor) * on[2].steps <= planner.round_deadline()
+    assert [a.steps for a in off] == [10, 10, 10]  # pure ELFISH: every step, the round waits
 
 
 def test_first_cut_on_lenet_is_the_most_expensive_per_neuron_layer():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from elfish_mpi.aggregation import aggregate
 from elfish_mpi.config import load_config
 from elfish_mpi.masking import make_masks
 from elfish_mpi.models import alexnet, lenet
@@ -210,3 +211,34 @@ def test_observe_without_planner_is_a_no_op():
     strategy = make_strategy(load_config(None, ["strategy.name=fedavg"]), LENET, 2)
     strategy.observe(0, {"conv1": 1.0}, 1.0)
     assert strategy.planner is None
+
+
+@pytest.mark.parametrize("mode", ["balanced", "naive"])
+def test_the_strategy_folds_updates_as_they_arrive_into_the_recovered_model(mode):
+    # Prepare: three updates over a 6-element model; element 5 is trained by nobody
+    strategy = make_strategy(load_config(None, [f"strategy.aggregation={mode}"]), LENET, 3)
+    glob = np.linspace(-1, 1, 6).astype(np.float32)
+    updates = [(np.array([0, 1, 2]), np.array([0.5, -0.25, 1.0], np.float32), 300.0),
+               (np.array([1, 3]), np.array([0.75, 2.0], np.float32), 150.0),
+               (np.array([0, 4]), np.array([-1.0, 0.125], np.float32), 75.0)]
+
+    # Execute: one update at a time, the buffer of each reused afterwards as the round loop does
+    sums = strategy.begin(glob.size)
+    for idx, delta, weight in updates:
+        buf = delta.copy()
+        strategy.aggregate(sums, idx, buf, weight)
+        buf[:] = np.nan
+    new = strategy.finish(glob, sums)
+
+    # Assert: the same as the pure reference over the whole list; the untrained element kept
+    np.testing.assert_array_equal(new, aggregate(glob, updates, mode))
+    assert new[5] == glob[5] and sums.total == 525.0
+    num = np.zeros(6)
+    num[[0, 1, 2]] += 300 * np.array([0.5, -0.25, 1.0])
+    num[[1, 3]] += 150 * np.array([0.75, 2.0])
+    num[[0, 4]] += 75 * np.array([-1.0, 0.125])
+    den = np.array([375.0, 450.0, 300.0, 150.0, 75.0, 0.0])
+    expect = glob.astype(np.float64).copy()
+    trained = den > 0
+    expect[trained] += num[trained] / (den[trained] if mode == "balanced" else 525.0)
+    np.testing.assert_allclose(new, expect.astype(np.float32), rtol=1e-6)
