@@ -112,7 +112,7 @@ class Aggregator:
         cfg, spec = self.cfg, self.spec
         resume = self.setup.get("resume_ckpt")
         self.comm.barrier()  # every rank is up: round 1's clock starts after everyone's start-up
-        if resume is None:
+        if self.setup["profile"]:
             supervisor.note("while the workers profiled")
             t_prof = time.perf_counter()
             self.gather_profiles()

@@ -145,6 +145,7 @@ def prepare(args, num_workers: int) -> dict:
     from . import checkpoint as ckptmod
     from . import data as datamod
     from .models import get_spec
+    from .strategies import make_strategy
 
     notes = []
     ckpt = None
@@ -237,6 +238,8 @@ def prepare(args, num_workers: int) -> dict:
         "num_classes": test.num_classes,
         "in_shape": in_shape,
         "resume": ckpt is not None,
+        # a strategy that does not plan (fedavg, elfish with fixed keep ratios) does not profile
+        "profile": ckpt is None and make_strategy(cfg, spec, num_workers).needs_planner,
         "cursors": [int(c) for c in ckpt.state["cursor"]] if ckpt is not None and "cursor" in ckpt.state else None,
         "notes": notes,
         "job_id": f"{os.getpid()}-{int(time.time())}",
@@ -361,7 +364,7 @@ def run_job(comm, setup: dict) -> int:
         )
         code = role.run()
     else:
-        role.run(do_profile=not setup["resume"])
+        role.run(do_profile=setup["profile"])
         code = 0
     # Every rank leaves with rank 0's verdict (0: done, EXIT_PREEMPTED: stopped by a signal).
     return int(comm.bcast_obj(code, what="the broadcast of the exit code (a worker rank stopped answering)"))
