@@ -115,3 +115,18 @@ def test_resume_with_a_changed_model_is_refused(finished_run):
     assert res.returncode != 0
     assert "train.lr: 0.05 -> 0.5" in res.stderr
     assert snapshot(finished_run) == before
+
+
+def test_a_strategy_that_does_not_plan_does_not_profile(tmp_path):
+    # Prepare / Execute: fedavg, and elfish with fixed keep ratios, plan nothing
+    runs = {
+        "fedavg": launch(3, *tiny(tmp_path / "fedavg", 1), "--set", "strategy.name=fedavg"),
+        "fixed": launch(3, *tiny(tmp_path / "fixed", 1), "--set", "strategy.keep_ratios=[1.0, 0.5]"),
+        "elfish": launch(3, *tiny(tmp_path / "elfish", 1)),
+    }
+    # Assert
+    for name, res in runs.items():
+        assert res.returncode == 0, res.stderr
+        with h5py.File(tmp_path / name / "checkpoint.h5", "r") as f:
+            profiled = "step_time" in f.get("profiles", {})
+        assert profiled == (name == "elfish"), name
