@@ -15,9 +15,10 @@ python -m pytest -p no:cacheprovider tests/unit
 echo "== MPI tests on $ranks ranks, $(python -c 'from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])')"
 # pytest-timeout ends a hung test inside the job; the outer timeout is the last guard.
 timeout 1200 mpiexec -n "$ranks" python -m pytest -p no:cacheprovider -q --with-mpi tests/mpi
-echo "== determinism and exact resume on $((ranks + 1)) ranks"
+# (with three or more workers the reduce transport sums in an order of MPI's choosing)
+echo "== determinism, exact resume and the reduce transport on $((ranks + 1)) ranks"
 timeout 600 mpiexec -n "$((ranks + 1))" python -m pytest -p no:cacheprovider -q --with-mpi tests/mpi/test_train.py \
-    -k "same_seed or untrained"
+    -k "same_seed or untrained or reduce_transport"
 echo "== SLURM tests"
 python -m pytest -p no:cacheprovider -rs tests/slurm
 deactivate

@@ -10,13 +10,19 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from elfish_mpi import aggregator, checkpoint
 from elfish_mpi.cli import main
+from elfish_mpi.comm import Comm
+from elfish_mpi.masking import select
+from elfish_mpi.models import lenet
+from elfish_mpi.submodel import param_index
 
 pytestmark = [pytest.mark.mpi(min_size=3), pytest.mark.timeout(300)]
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"
 WORLD = MPI.COMM_WORLD
 WORKERS = WORLD.size - 1
+LENET_KEYS = sorted(f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2") for kind in ("weight", "bias"))
 
 
 _made: list[str] = []
@@ -56,6 +62,12 @@ def model_of(path: Path) -> dict:
         return {k: f["model"][k][()] for k in f["model"]}
 
 
+def kept_values(f: h5py.File, rnd: int, worker: int) -> int:
+    """How many of the model's values worker ``worker`` trained in round ``rnd`` (its masks)."""
+    group = f[f"masks/round_{rnd:06d}/worker_{worker:02d}"]
+    return param_index(lenet(), {name: group[name][()] for name in group}).size
+
+
 def test_run_writes_the_documented_checkpoint():
     out = shared_dir() / "run"
     rc = train(out, rounds=3)
@@ -77,23 +89,33 @@ def test_run_writes_the_documented_checkpoint():
         full = f["masks/round_000001/worker_00/conv2"][()]
         np.testing.assert_array_equal(full, np.arange(50))
         assert f["coverage/conv2"].shape == (50,) and f["coverage/conv2"][()].sum() == 3 * 50 + 3 * 25 * (WORKERS - 1)
-        assert f["profiles/step_time"].shape[0] == WORKERS
+        assert "step_time" not in f.get("profiles", {})  # fixed keep ratios: nothing to plan, no profiling
         assert 0.0 <= f["metrics/test_accuracy"][-1] <= 1.0
     history = sorted(p.name for p in (out / "checkpoints").glob("round-*.h5"))
     assert history == ["round-000001.h5", "round-000002.h5", "round-000003.h5"]
     assert (out / "metrics.csv").read_text().count("\n") == 4
 
 
-def test_untrained_neurons_keep_their_weights_exactly():
-    out = shared_dir() / "untrained"
+@pytest.mark.parametrize("transport", ["gather", "reduce"])
+def test_untrained_neurons_keep_their_weights_exactly(transport):
+    out = shared_dir() / f"untrained-{transport}"
     # Every worker soft-trains a quarter of each layer, so some neurons go untrained in a round.
-    rc = train(out, "--set", f"strategy.keep_ratios={[0.25] * WORKERS}", "--set", "strategy.min_keep=0.1")
+    rc = train(out, "--set", f"strategy.keep_ratios={[0.25] * WORKERS}", "--set", "strategy.min_keep=0.1",
+               "--set", f"strategy.transport={transport}")
     assert rc == 0
     if WORLD.rank != 0:
         return
     before = model_of(out / "checkpoints" / "round-000001.h5")
     after = model_of(out / "checkpoints" / "round-000002.h5")
     with h5py.File(out / "checkpoint.h5", "r") as f:
+        # the updates went the way asked: dense float64 sums, or the kept values alone
+        size = sum(v.size for v in after.values())
+        sent = f["workers/bytes_sent"][()]
+        if transport == "reduce":
+            np.testing.assert_array_equal(sent, 2 * 8 * size)
+        else:
+            np.testing.assert_array_equal(sent, [[4 * kept_values(f, r, w) for w in range(WORKERS)] for r in (1, 2)])
+            assert np.all(sent < 4 * size / 2)
         checked = 0
         for layer in ("conv1", "conv2", "fc1"):
             trained = set()
@@ -118,9 +140,102 @@ def test_same_seed_same_model_and_resume_is_exact():
     if WORLD.rank != 0:
         return
     a, b, c = (model_of(base / d / "checkpoint.h5") for d in "abc")
+    assert sorted(a) == sorted(b) == sorted(c) == LENET_KEYS
     for key in a:
         assert np.array_equal(a[key], b[key]), f"two runs differ in {key}"
         assert np.array_equal(a[key], c[key]), f"resumed run differs in {key}"
+
+
+def test_reduce_transport_trains_the_model_the_gather_transport_trains():
+    # Prepare / Execute: one seed and fixed keep ratios; the updates travel two ways
+    base = shared_dir()
+    assert train(base / "gather", "--set", "strategy.transport=gather", rounds=3) == 0
+    assert train(base / "reduce", "--set", "strategy.transport=reduce", rounds=3) == 0
+
+    # Assert
+    if WORLD.rank != 0:
+        return
+    g, r = model_of(base / "gather" / "checkpoint.h5"), model_of(base / "reduce" / "checkpoint.h5")
+    assert sorted(g) == sorted(r) == LENET_KEYS
+    for key in g:
+        # Both form the same float64 sums; only the order of the additions may differ (none does
+        # with two workers: the sum of two updates and rank 0's zeros is exact in any order).
+        if WORKERS == 2:
+            assert g[key].tobytes() == r[key].tobytes(), key
+        np.testing.assert_allclose(r[key], g[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    with h5py.File(base / "gather" / "checkpoint.h5", "r") as fg, h5py.File(base / "reduce" / "checkpoint.h5", "r") as fr:
+        np.testing.assert_array_equal(fr["metrics/updates_accepted"][()], [WORKERS] * 3)
+        np.testing.assert_allclose(fr["metrics/test_loss"][()], fg["metrics/test_loss"][()], rtol=1e-4)
+        # and they did travel differently: the whole model twice in float64, or the kept values
+        size = sum(v.size for v in g.values())
+        np.testing.assert_array_equal(fr["workers/bytes_sent"][()], 2 * 8 * size)
+        kept = np.array([[kept_values(fg, rnd, w) for w in range(WORKERS)] for rnd in (1, 2, 3)])
+        np.testing.assert_array_equal(fg["workers/bytes_sent"][()], 4 * kept)
+        assert np.all(kept[:, 0] == size) and np.all(kept[:, 1:] < size)  # worker 0 keeps everything
+
+
+def spy_on_round_steps(monkeypatch) -> list[str]:
+    """What rank 0 does, in order: "plan R" (round R starts: its plan goes to the workers),
+    "evaluate" and "checkpoint R" (round R's file written)."""
+    events: list[str] = []
+    bcast_obj, evaluate, rotate = Comm.bcast_obj, aggregator.evaluate, checkpoint.rotate
+
+    def spy_bcast_obj(self, obj, *args, **kwargs):
+        if getattr(obj, "round", 0) and not getattr(obj, "stop", False):  # a round's plan (not set-up, not stop)
+            events.append(f"plan {obj.round}")
+        return bcast_obj(self, obj, *args, **kwargs)
+
+    def spy_evaluate(*args, **kwargs):
+        events.append("evaluate")
+        return evaluate(*args, **kwargs)
+
+    def spy_rotate(run_dir, ck, *args, **kwargs):
+        events.append(f"checkpoint {ck.round}")
+        return rotate(run_dir, ck, *args, **kwargs)
+
+    monkeypatch.setattr(Comm, "bcast_obj", spy_bcast_obj)
+    monkeypatch.setattr(aggregator, "evaluate", spy_evaluate)
+    monkeypatch.setattr(checkpoint, "rotate", spy_rotate)
+    return events
+
+
+def test_overlap_eval_off_evaluates_before_the_next_round_and_changes_no_result(monkeypatch):
+    # Prepare: one seed and fixed keep ratios (no timing enters the run)
+    base = shared_dir()
+    events = spy_on_round_steps(monkeypatch)
+
+    # Execute
+    assert train(base / "overlapped", "--set", "run.overlap_eval=true", rounds=3) == 0
+    overlapped, events[:] = list(events), []
+    assert train(base / "in-line", "--set", "run.overlap_eval=false", rounds=3) == 0
+    in_line = list(events)
+
+    # Assert
+    if WORLD.rank != 0:
+        return
+    # On: round r is evaluated and written while the workers train round r + 1 (its plan sent);
+    # off: before round r + 1 starts. The last round is finished at once either way.
+    assert overlapped == ["plan 1", "plan 2", "evaluate", "checkpoint 1", "plan 3", "evaluate", "checkpoint 2",
+                          "evaluate", "checkpoint 3"]
+    assert in_line == ["plan 1", "evaluate", "checkpoint 1", "plan 2", "evaluate", "checkpoint 2",
+                       "plan 3", "evaluate", "checkpoint 3"]
+    # Every round's checkpoint holds the same model, masks and results, bit for bit.
+    for r in (1, 2, 3):
+        name = f"checkpoints/round-{r:06d}.h5"
+        a, b = model_of(base / "overlapped" / name), model_of(base / "in-line" / name)
+        assert sorted(a) == sorted(b) == LENET_KEYS
+        for key in a:
+            assert a[key].tobytes() == b[key].tobytes(), f"round {r}: {key}"
+    with h5py.File(base / "overlapped" / "checkpoint.h5", "r") as fa, h5py.File(base / "in-line" / "checkpoint.h5", "r") as fb:
+        for name in ("test_accuracy", "test_loss", "train_loss", "updates_accepted"):
+            assert fa["metrics"][name].shape == (3,) and np.all(np.isfinite(fa["metrics"][name][()])), name
+            assert fa["metrics"][name][()].tobytes() == fb["metrics"][name][()].tobytes(), name
+        for r in (1, 2, 3):
+            for w in range(WORKERS):
+                group = f"masks/round_{r:06d}/worker_{w:02d}"
+                for layer in ("conv1", "conv2", "fc1"):
+                    np.testing.assert_array_equal(fa[f"{group}/{layer}"][()], fb[f"{group}/{layer}"][()])
+        np.testing.assert_array_equal(fa["coverage/conv2"][()], fb["coverage/conv2"][()])
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedavg-drop", "fedprox-partial", "heterofl", "fedrolex", "elfish", "elfish-naive"])
@@ -155,16 +270,34 @@ def test_every_strategy_runs_on_the_same_path(strategy):
             steps = f["workers/steps"][()]
             assert np.all(steps[:, -1] < steps[:, 0])
         if name == "heterofl":
-            assert keep[0, -1] < 1.0
+            assert keep[0, -1] < 1.0 and masks[0].size < 50
             for m in masks:
                 np.testing.assert_array_equal(m, np.arange(m.size))  # a static prefix
             assert masks[0].size == masks[1].size == masks[2].size
         if name == "fedrolex":
-            assert keep[0, -1] < 1.0
-            assert all(np.array_equal(masks[i + 1], np.sort((masks[i] + 1) % 50)) for i in range(2))
+            assert keep[0, -1] < 1.0 and masks[0].size < 50  # a window that can move
+            for i in range(2):
+                np.testing.assert_array_equal(masks[i + 1], np.sort((masks[i] + 1) % 50))
         if name == "elfish":
             assert np.all(keep[:, -1] < 1.0)
-            assert all(not np.array_equal(masks[i], masks[i + 1]) for i in range(2) if masks[i].size == masks[i + 1].size)
+            # Every thinned layer of the slow worker keeps the random policy's choice of its round ...
+            thinned = {}
+            for li, layer in enumerate(lenet().layers):
+                if not layer.maskable:
+                    continue
+                for r in (1, 2, 3):
+                    kept = f[f"masks/round_{r:06d}/{slow}/{layer.name}"][()]
+                    if kept.size < layer.out:
+                        want = select("random", layer.out, kept.size, seed=0, round=r, worker=WORKERS - 1, layer=li)
+                        np.testing.assert_array_equal(kept, want, err_msg=f"{layer.name}, round {r}")
+                        thinned[layer.name, r] = kept
+            # ... so a layer thinned to the same width in consecutive rounds keeps other neurons.
+            pairs = [(thinned[name, r], thinned[name, r + 1]) for name, r in thinned
+                     if (name, r + 1) in thinned and thinned[name, r].size == thinned[name, r + 1].size]
+            widths = [(key, kept.size) for key, kept in thinned.items()]
+            assert pairs, f"no layer of the slow worker kept one width for two rounds: {widths}"
+            for a, b in pairs:
+                assert not np.array_equal(a, b)
 
 
 def test_capacity_trace_slows_a_worker_and_elfish_replans():

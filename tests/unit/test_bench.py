@@ -154,6 +154,7 @@ def test_result_metrics_from_a_real_checkpoint(done):
     runs = bench.plan_runs(config=None, strategies=["fedavg", "elfish"], seeds=[0], fleets=[], partitions=[],
                            sets=[a for a in TINY if a != "--set"], out=out, num_workers=2)
     results = [bench.load_result(r) for r in runs]
+    assert [r.strategy for r in results] == ["fedavg", "elfish"]
     for r in results:
         assert r.rounds == 3 and r.num_workers == 2
         rt = r.metrics["round_time"]
@@ -276,7 +277,7 @@ def test_targets_default_to_fedavg_of_the_same_seed():
     assert by[("elfish", 0)]["target_accuracy"] == 0.6 and by[("elfish", 0)]["time_to_target"] == 1.0
     assert math.isnan(by[("elfish", 2)]["target_accuracy"])  # no FedAvg run of seed 2
     explicit = bench.result_rows(results, target_accuracy=0.55, budget=0.7)
-    assert all(r["target_accuracy"] == 0.55 for r in explicit)
+    assert len(explicit) == len(results) and all(r["target_accuracy"] == 0.55 for r in explicit)
     assert next(r for r in explicit if (r["strategy"], r["seed"]) == ("elfish", 0))["accuracy_at_budget"] == 0.55
 
 

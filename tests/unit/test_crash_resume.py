@@ -202,7 +202,7 @@ def test_writer_killed_at_random_moments_leaves_a_valid_newest_checkpoint(tmp_pa
     run_dir.mkdir()
     latest = None
     stale_pids: set[int] = set()
-    hit_a_write = 0
+    hit_a_write = completed = 0
     for trial in range(12):
         # Prepare: a writer continuing after the newest valid checkpoint
         start = (latest or 0) + 1
@@ -218,6 +218,7 @@ def test_writer_killed_at_random_moments_leaves_a_valid_newest_checkpoint(tmp_pa
         # Assert
         newest = check_run_dir(run_dir)
         if written:  # it completed a rotate, which removed what earlier writers left
+            completed += 1
             assert newest is not None and newest >= int(written[-1])
             assert not (temp_pids(run_dir) & stale_pids), "a killed writer's temporary file survived"
         if newest is not None:
@@ -228,6 +229,7 @@ def test_writer_killed_at_random_moments_leaves_a_valid_newest_checkpoint(tmp_pa
         stale_pids |= temp_pids(run_dir)
 
     assert hit_a_write >= 1, "no kill landed inside a write"
+    assert completed >= 1, "no writer completed a rotate: the clean-up of dead writers' files went unchecked"
     ck.rotate(run_dir, small_ckpt(latest + 1), keep=2)  # a live writer cleans up after the dead
     assert temp_files(run_dir) == []
     assert ck.find_latest_valid(run_dir) == (run_dir / "checkpoint.h5", [])

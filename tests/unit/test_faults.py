@@ -27,6 +27,7 @@ from proc_tools import all_gone, alive, clean_env, descendants, mpiexec, rank_pi
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests" / "data" / "fashion-mnist"
 JOB_TIMEOUT = 240  # seconds any one job may take, start-up included
+MASKABLE = ["conv1", "conv2", "fc1"]  # LeNet's layers of neurons that masks thin
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -410,6 +411,7 @@ def test_non_finite_update_is_rejected_and_not_counted(tmp_path):
     assert res.stdout.count("rejected the non-finite update") == 1
     ck = ckptmod.validate(out / "checkpoint.h5")
     assert ck.round == 3
+    assert sorted(ck.coverage) == MASKABLE and sorted(ck.masks) == [1, 2, 3]  # the loops below check something
     np.testing.assert_array_equal(ck.workers["rejected"], [[0, 0], [0, 1], [0, 0]])
     np.testing.assert_array_equal(ck.metrics["updates_accepted"], [2, 1, 2])
     for key, arr in ck.model.items():
@@ -425,6 +427,7 @@ def test_non_finite_update_is_rejected_and_not_counted(tmp_path):
         assert ck.masks[2][1][layer].size > 0  # so counting it would have shown
     r1 = ckptmod.read(out / "checkpoints" / "round-000001.h5")
     r2 = ckptmod.read(out / "checkpoints" / "round-000002.h5")
+    assert sorted(r2.coverage) == MASKABLE
     for layer in r2.coverage:
         grown = r2.coverage[layer] - r1.coverage[layer]
         only_w0 = np.zeros_like(grown)
@@ -470,6 +473,6 @@ def test_sigterm_to_every_rank_stops_with_checkpoint_and_resume_is_bitwise_ident
     assert reference.returncode == 0, reference.stderr
     assert ckptmod.validate(out / "checkpoint.h5").round == rounds
     got, want = model_of(out / "checkpoint.h5"), model_of(tmp_path / "ref" / "checkpoint.h5")
-    assert list(got) == list(want)
+    assert list(got) == list(want) and len(want) == 8  # LeNet: 4 layers' weights and biases
     for key in want:
         assert got[key].dtype == want[key].dtype and got[key].tobytes() == want[key].tobytes(), key

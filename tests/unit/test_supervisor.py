@@ -181,8 +181,9 @@ def test_a_whole_process_group_killed_at_once_is_not_reported():
     os.killpg(proc.pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=30)
 
-    # Assert: nobody claims that this rank died first
+    # Assert: nobody claims that this rank died first; the supervisor went with the group
     assert err == ""
+    assert proc.returncode == -signal.SIGKILL
 
 
 def test_elfish_supervise_0_runs_the_rank_directly():
