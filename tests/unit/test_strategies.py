@@ -208,9 +208,12 @@ def test_weighting_defaults_to_each_papers_rule_and_can_be_chosen(name, expected
 
 
 def test_observe_without_planner_is_a_no_op():
-    strategy = make_strategy(load_config(None, ["strategy.name=fedavg"]), LENET, 2)
-    strategy.observe(0, {"conv1": 1.0}, 1.0)
-    assert strategy.planner is None
+    # fedavg and elfish with fixed keep ratios have no planner: a measurement changes nothing
+    for overrides in (["strategy.name=fedavg"], ["strategy.keep_ratios=[1.0, 0.5]"]):
+        strategy = make_strategy(load_config(None, overrides), LENET, 2)
+        before = strategy.configure(1)
+        strategy.observe(1, before[1].ratios, 100.0)
+        assert strategy.planner is None and strategy.configure(2) == before
 
 
 @pytest.mark.parametrize("mode", ["balanced", "naive"])
