@@ -166,7 +166,7 @@ class Aggregator:
             self.cursors = stats["cursor"].astype(np.int64)
             # 5. record; evaluate, report and checkpoint now, or while the workers train the next round
             keep = [keep_ratio(spec, m) for m in masks]
-            self.record(rnd, round_time, stats, keep, ratios, masks, capacity, accepted, time.perf_counter() - t_run)
+            self.record(rnd, round_time, stats, keep, masks, capacity, accepted, time.perf_counter() - t_run)
             stopped_by = signals.requested() or ("SIGTERM" if stats["signal"].any() else None)
             self.pending = (rnd, round_time, keep, stats, bool(stopped_by))
             if rnd == cfg.run.rounds or stopped_by or not cfg.run.overlap_eval:
@@ -236,8 +236,7 @@ class Aggregator:
         return stats, sums, accepted
 
     # -- records -------------------------------------------------------------------------
-    def record(self, rnd, round_time, stats, keep, ratios, masks, capacity, accepted, elapsed) -> None:
-
+    def record(self, rnd, round_time, stats, keep, masks, capacity, accepted, elapsed) -> None:
         row = {
             "round": rnd,
             "round_time": round_time,
