@@ -11,7 +11,9 @@
 - ``cgroup``: a CPU quota per worker process (cgroup v2 ``cpu.max`` or v1
   ``cpu.cfs_quota_us``): the worker's fair share of the node's cores times c. Every
   worker is capped, capacity-1 ones included, so that on a node with more workers than
-  cores the full-speed workers cannot take the slack and the speed ratios hold.
+  cores the full-speed workers cannot take the slack and the speed ratios hold. Every
+  worker runs in bursts of the same length; a slower one waits longer between them
+  (:func:`cgroup_quota`).
 - ``affinity``: each worker pinned to a set of cores (``sched_setaffinity``) sized from
   all workers' capacities; only whole cores (or an equal share of one core) can be given,
   so capacities it cannot express within 20 % are refused.
@@ -145,18 +147,33 @@ def fair_share(cores: int, workers_on_node: int, threads: int | None = None) -> 
     return share
 
 
-def cgroup_quota(capacity: float, share: float, period_us: int = 10_000) -> tuple[int, int]:
-    """(quota, period) in microseconds for ``capacity`` times ``share`` cores.
+PERIOD_MIN_US, PERIOD_MAX_US, QUOTA_MIN_US = 1000, 1_000_000, 1000  # the kernel's limits
 
-    The kernel wants quota >= 1 ms; the period grows (up to 1 s) when the quota would be
-    smaller. A short period keeps the throttle smooth: a worker runs in bursts of at most
-    one quota, so a coarse period would make short measurements jumpy.
+
+def cgroup_quota(capacity: float, share: float, period_us: int = 10_000) -> tuple[int, int]:
+    """(quota, period) in microseconds: ``capacity`` times ``share`` cores, in bursts of
+    ``share x period_us`` whatever the capacity.
+
+    ``share`` is what a full-speed worker gets (its fair share of the node), so its group
+    runs ``share x period_us`` of every ``period_us``. A slower worker keeps that burst and
+    waits longer between bursts: its period is ``period_us / capacity``. Each time a
+    throttled process runs again it first refills its caches; with one period for all, a
+    capacity-0.25 worker ran in bursts 4x shorter than a full-speed one, paid that refill
+    4x as often per step (5-10% more CPU per step) and was 4.3-4.6x slower instead of 4x
+    (FedAvg, 4 workers on 2 cores; docs/benchmarks.md section 9). Equal bursts make that
+    cost per step alike for every worker: a capacity-c worker is a full-speed one stretched
+    1/c in time, and every worker's round spans the same number of periods (the same
+    rounding at its edges). A short ``period_us`` keeps a full-speed worker's round many
+    periods long; 10 ms did better than 40 ms.
+
+    Kernel limits: the quota is at least 1 ms (the burst grows when ``share x period_us``
+    is less) and the period at most 1 s (beyond that the burst shrinks instead; below 0.001
+    core, one 1 ms quota per second, a worker gets more than asked).
     """
     frac = capacity * share
-    period = int(period_us)
-    while frac * period < 1000 and period < 1_000_000:
-        period = min(1_000_000, period * 2)
-    quota = max(1000, int(round(frac * period)))
+    burst = max(float(QUOTA_MIN_US), share * period_us)
+    period = min(PERIOD_MAX_US, max(PERIOD_MIN_US, int(round(burst / frac))))
+    quota = max(QUOTA_MIN_US, int(round(frac * period)))
     return quota, period
 
 
@@ -265,6 +282,7 @@ class Throttle:
     # Where to look for a writable cgroup hierarchy (cgroup v2 roots, then v1 cpu roots);
     # None: the mounts listed in /proc/self/mounts. Tests point it at fake trees.
     cgroup_roots: ClassVar[Sequence[str] | None] = None
+    # A full-speed worker's CFS period; a capacity-c worker's is this / c (see cgroup_quota).
     cgroup_period_us: ClassVar[int] = 10_000
     # The worker group's cpu.shares (v1) / cpu.weight (v2) as a multiple of the kernel's
     # default (1024 / 100): ten, so that the worker reaches its quota when other processes

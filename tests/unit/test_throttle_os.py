@@ -42,16 +42,37 @@ def test_fair_share_is_cores_per_worker_capped_at_threads():
     "capacity, share, expect",
     [
         (1.0, 0.5, (5000, 10_000)),
-        (0.5, 0.5, (2500, 10_000)),
-        (0.25, 0.5, (1250, 10_000)),
+        (0.5, 0.5, (5000, 20_000)),  # the same 5 ms burst, twice as far apart
+        (0.25, 0.5, (5000, 40_000)),
         (1.0, 2.0, (20_000, 10_000)),  # two cores' worth
-        (0.1, 0.5, (1000, 20_000)),  # 0.5 ms would be below the kernel's 1 ms minimum
+        (0.1, 0.5, (5000, 100_000)),
+        (0.3, 0.4, (4000, 33_333)),  # the quota is rounded from the rounded period
+        (1.0, 0.05, (1000, 20_000)),  # a 0.5 ms burst would be below the kernel's 1 ms minimum
+        (0.5, 0.05, (1000, 40_000)),
+        (0.004, 0.5, (2000, 1_000_000)),  # the period stops at the kernel's 1 s maximum
     ],
 )
 def test_cgroup_quota(capacity, share, expect):
     quota, period = cgroup_quota(capacity, share)
     assert (quota, period) == expect
-    assert quota / period == pytest.approx(capacity * share, rel=0.01)
+    assert quota / period == pytest.approx(capacity * share, rel=1e-3)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.4, 1.0, 2.0])
+def test_cgroup_quota_gives_every_capacity_the_same_burst(share):
+    # Prepare: the finding's fleet; a throttled process refills its caches after every pause,
+    # so a worker running in shorter bursts than a full-speed one needs more CPU per step
+    caps = [1.0, 0.5, 0.25, 0.2, 0.1]
+
+    # Execute
+    quotas = {c: cgroup_quota(c, share) for c in caps}
+
+    # Assert: each runs share x 10 ms at a time, capacity c waits 1/c as long between bursts
+    full_quota, full_period = quotas[1.0]
+    for c, (quota, period) in quotas.items():
+        assert quota == full_quota, f"capacity {c}: burst {quota} us, a full-speed worker's {full_quota} us"
+        assert period == pytest.approx(full_period / c, abs=1)
+        assert quota / period == pytest.approx(c * share, rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------- real cgroup
