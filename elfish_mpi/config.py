@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,11 @@ class RunConfig:
         20.0,
     )
     eval_every: int = _doc("Evaluate the global model on the test set every this many rounds (and at the last).", 1)
-    threads: int = _doc("torch intra-op threads per rank (several ranks usually share the cores).", 1)
+    threads: int = _doc(
+        "torch intra-op threads per rank (several ranks usually share the cores). Left out of the "
+        "config file and --set: $SLURM_CPUS_PER_TASK when set (sbatch/srun --cpus-per-task), else 1.",
+        1,
+    )
     overlap_eval: bool = _doc(
         "Evaluate and write the checkpoint of round r on rank 0 while the workers train round r+1, "
         "off the round's critical path (the last round and a stop are finished at once).",
@@ -406,10 +411,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not isinstance(raw.setdefault(section, {}), dict):
             raise ConfigError(f"[{section}] must be a table of keys (it is {raw[section]!r})")
         raw[section][key] = value
+    _threads_from_slurm(raw)
     try:
         return Config.from_dict(raw)
     except TypeError as exc:  # pragma: no cover - guarded by the unknown-key check
         raise ConfigError(str(exc)) from None
+
+
+def _threads_from_slurm(raw: dict) -> None:
+    """run.threads that neither the file nor --set gives follows SLURM's --cpus-per-task."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if not cpus:
+        return
+    run = raw.setdefault("run", {})
+    if not isinstance(run, dict) or "threads" in run:
+        return
+    if not cpus.isdigit() or int(cpus) < 1:
+        raise ConfigError(
+            f"SLURM_CPUS_PER_TASK = {cpus!r} must be an integer >= 1 (run.threads follows it when not set)"
+        )
+    run["threads"] = int(cpus)
 
 
 def config_from_json(text: str) -> Config:

@@ -1,9 +1,16 @@
 # shellcheck shell=bash
 # Shared body of the SLURM batch templates (elfish.sbatch, sweep.sbatch); sourced, not run.
 #
-# elfish_train OUT [ARG...] runs `srun --mpi=pmi2 --kill-on-bad-exit=1 python -m elfish_mpi
-# train --out OUT [--resume OUT] ARG... $ELFISH_ARGS` and handles preemption:
+# elfish_train OUT [ARG...] runs `srun --mpi=$ELFISH_SRUN_MPI --kill-on-bad-exit=1
+# [--cpus-per-task=$SLURM_CPUS_PER_TASK] $ELFISH_SRUN_ARGS python -m elfish_mpi train --out OUT
+# [--resume OUT] ARG... $ELFISH_ARGS` and handles preemption:
 #
+#   * the MPI plugin: ELFISH_SRUN_MPI unset means pmi2 (what the MPICH wheel needs); set it
+#     to another plugin (`srun --mpi=list`: pmix, pmix_v4, ... for a site MPI built with
+#     PMIx) or to the empty string to leave --mpi out and use the site's MpiDefault;
+#   * a job submitted with --cpus-per-task=N gives each task N CPUs: srun (which since SLURM
+#     22.05 no longer inherits --cpus-per-task from sbatch) is passed it again, and the
+#     program runs N torch threads per rank when run.threads is not set (elfish_mpi/config.py);
 #   * auto-resume: --resume OUT is added when OUT/checkpoint.h5 or OUT/checkpoints/round-*.h5
 #     exists (a requeued job continues where it stopped);
 #   * SIGUSR1 / SIGTERM sent to the batch shell are forwarded to srun as SIGUSR1 (srun turns a
@@ -56,6 +63,25 @@ elfish_split_args() {
     eval "ELFISH_EXTRA=($quoted)"  # safe: every word is shlex.quote'd
 }
 
+# srun's options, into the array ELFISH_SRUN: --mpi=$ELFISH_SRUN_MPI (default pmi2; left out
+# when ELFISH_SRUN_MPI is set to ""), --kill-on-bad-exit=1, --cpus-per-task=$SLURM_CPUS_PER_TASK
+# when the job has it, then ELFISH_SRUN_ARGS split on whitespace (srun takes the last of a
+# repeated option, so these can override the ones before).
+elfish_srun_options() {
+    local mpi=${ELFISH_SRUN_MPI-pmi2}
+    [[ "$mpi" =~ ^[A-Za-z0-9_.-]*$ ]] || elfish_die "ELFISH_SRUN_MPI=$mpi is not an MPI plugin name (srun --mpi=list shows them)"
+    ELFISH_SRUN=()
+    [ -n "$mpi" ] && ELFISH_SRUN+=("--mpi=$mpi")
+    ELFISH_SRUN+=(--kill-on-bad-exit=1)
+    if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+        [[ "$SLURM_CPUS_PER_TASK" =~ ^[1-9][0-9]*$ ]] || elfish_die "SLURM_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK is not a number of CPUs"
+        ELFISH_SRUN+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
+    fi
+    local extra=()
+    read -r -a extra <<<"${ELFISH_SRUN_ARGS:-}"  # (no glob expansion, unlike an unquoted word list)
+    ELFISH_SRUN+=(${extra[@]+"${extra[@]}"})
+}
+
 _elfish_signal=""   # the first stop signal the batch shell received (USR1 or TERM)
 _elfish_trapped=0
 _elfish_pid=""
@@ -83,13 +109,13 @@ elfish_train() {
         elfish_log "found a checkpoint in $out: resuming (restart ${SLURM_RESTART_COUNT:-0} of job ${SLURM_JOB_ID:-?})"
     fi
     args+=("$@" ${ELFISH_EXTRA[@]+"${ELFISH_EXTRA[@]}"})  # (empty-array safe for bash < 4.4)
-    elfish_log "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-?} tasks: srun --mpi=pmi2 --kill-on-bad-exit=1 python -m elfish_mpi ${args[*]}"
+    elfish_srun_options
+    elfish_log "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-?} tasks: srun ${ELFISH_SRUN[*]} python -m elfish_mpi ${args[*]}"
 
     trap '_elfish_forward USR1' USR1
     trap '_elfish_forward TERM' TERM
     # srun takes the number of tasks from the allocation ($SLURM_NTASKS).
-    # shellcheck disable=SC2086
-    srun --mpi=pmi2 --kill-on-bad-exit=1 ${ELFISH_SRUN_ARGS:-} python -m elfish_mpi "${args[@]}" &
+    srun "${ELFISH_SRUN[@]}" python -m elfish_mpi "${args[@]}" &
     _elfish_pid=$!
     local rc
     while :; do

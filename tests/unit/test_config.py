@@ -135,6 +135,8 @@ def test_overrides_of_every_type_reach_the_config():
             "strategy.name=fedavg",
             "strategy.replan=false",
             "strategy.mask_policy=rolling",
+            "strategy.transport=reduce",
+            "run.overlap_eval=false",
             "run.out=runs/abc",
         ],
     )
@@ -147,6 +149,8 @@ def test_overrides_of_every_type_reach_the_config():
     assert cfg.strategy.name == "fedavg"
     assert cfg.strategy.replan is False
     assert cfg.strategy.mask_policy == "rolling"
+    assert cfg.strategy.transport == "reduce" and Config().strategy.transport == "gather"
+    assert cfg.run.overlap_eval is False and Config().run.overlap_eval is True
     assert cfg.run.out == "runs/abc"
 
 
@@ -161,6 +165,7 @@ def test_overrides_of_every_type_reach_the_config():
         ("strategy.name=fedprox", "strategy.name", cfgmod.STRATEGIES),
         ("strategy.aggregation=mean", "strategy.aggregation", cfgmod.AGGREGATIONS),
         ("strategy.mask_policy=magnitude", "strategy.mask_policy", cfgmod.MASK_POLICIES),
+        ("strategy.transport=allreduce", "strategy.transport", cfgmod.TRANSPORTS),
         ("workers.throttle=busy", "workers.throttle", cfgmod.THROTTLES),
         ("model.name=resnet", "model.name", cfgmod.MODEL_NAMES),
     ],
@@ -201,6 +206,8 @@ def test_bad_choice_names_key_and_allowed_values(override, key, allowed):
         ("strategy.replan=yes", "strategy.replan"),
         ("strategy.deadline=-1", "strategy.deadline"),
         ("checkpoint.every=0", "checkpoint.every"),
+        ("run.overlap_eval=1", "run.overlap_eval"),
+        ('run.overlap_eval="false"', "run.overlap_eval"),
         ("data.alpha=0", "data.alpha"),
     ],
 )
@@ -392,3 +399,42 @@ def test_quickstart_config_loads():
     assert cfg.workers.capacity == [1.0, 1.0, 0.5, 0.25]
     assert cfg.strategy.name == "elfish"
     cfg.check_world(len(cfg.workers.capacity))
+
+
+# -- run.threads under SLURM ---------------------------------------------------
+
+
+def test_threads_follow_slurm_cpus_per_task_when_not_set(monkeypatch, tmp_path):
+    # Prepare: a job submitted with --cpus-per-task=3, a config that leaves run.threads out
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    path = _write(tmp_path, "[run]\nrounds = 2\n")
+
+    # Execute / Assert
+    assert load_config(path).run.threads == 3
+    assert load_config(None).run.threads == 3
+    assert load_config(None, ["run.rounds=4"]).run.threads == 3
+
+
+def test_explicit_threads_win_over_slurm_cpus_per_task(monkeypatch, tmp_path):
+    # Prepare
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    path = _write(tmp_path, "[run]\nthreads = 1\n")
+
+    # Execute / Assert: the file, then --set, are explicit choices
+    assert load_config(path).run.threads == 1
+    assert load_config(path, ["run.threads=2"]).run.threads == 2
+    assert load_config(None, ["run.threads=2"]).run.threads == 2
+
+
+def test_threads_default_to_one_outside_slurm(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert load_config(None).run.threads == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "")
+    assert load_config(None).run.threads == 1
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "2.5"])
+def test_bad_slurm_cpus_per_task_is_named(monkeypatch, value):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", value)
+    with pytest.raises(ConfigError, match="SLURM_CPUS_PER_TASK"):
+        load_config(None)
