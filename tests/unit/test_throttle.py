@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,18 @@ def test_invalid_mode_raises(mode):
 def test_invalid_capacity_raises(capacity):
     with pytest.raises(ValueError, match="capacity"):
         Throttle(capacity=capacity, mode="sleep")
+
+
+def test_calibrate_measures_against_the_capacity_1_workers_median():
+    from elfish_mpi.calibrate import _table
+
+    # Prepare: two capacity-1 workers 10% apart (noise), a 0.5 worker exactly twice their mean
+    rows = np.array([[1.0, 1.0, 1.0], [1.1, 1.1, 1.1], [2.1, 2.1, 1.0], [4.2, 4.2, 1.0]])
+
+    # Execute
+    text, ok = _table(rows, [1.0, 1.0, 0.5, 0.25], "sleep", ["", "", "", ""])
+
+    # Assert: the 0.5 and 0.25 workers are exact against the median (1.05 s), not 5% slow
+    lines = {line.split()[0]: line for line in text.splitlines() if line.strip().endswith(("OK", "OFF"))}
+    assert "+0.0%" in lines["3"] and "+0.0%" in lines["4"], text
+    assert "median" in text.splitlines()[0] and ok
