@@ -337,7 +337,7 @@ def test_killed_worker_is_named_and_ends_the_job(cluster, config, tmp_path):
 
 TINY = """\
 [run]
-rounds = 1
+rounds = {rounds}
 [data]
 path = "{sample}"
 test_samples = 100
@@ -352,7 +352,7 @@ throttle = "none"
 def run_tiny_job(cluster: Cluster, tmp_path: Path, *sbatch_options: str, export: str = "") -> tuple[dict, str, Path]:
     """elfish.sbatch with a one-round config, to its end: (job record, output file text, run dir)."""
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY.format(sample=SAMPLE))
+    config.write_text(TINY.format(sample=SAMPLE, rounds=1))
     run = tmp_path / "run"
     out = cluster.run(
         "sbatch", "--parsable", f"--ntasks={RANKS}", *sbatch_options,
@@ -428,18 +428,7 @@ def test_sweep_maps_array_tasks_to_strategy_and_seed(cluster, tmp_path):
     from elfish_mpi import checkpoint as ckptmod
 
     config = tmp_path / "sweep.toml"
-    config.write_text(f"""\
-[run]
-rounds = 2
-[data]
-path = "{SAMPLE}"
-test_samples = 100
-max_samples = 100
-[train]
-local_steps = 2
-[workers]
-throttle = "none"
-""")
+    config.write_text(TINY.format(sample=SAMPLE, rounds=2))
     cluster.env.update(ELFISH_STRATEGIES="fedavg,elfish", ELFISH_SEEDS="7")
     try:
         out = cluster.run(
