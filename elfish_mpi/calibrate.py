@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     """``elfish-mpi calibrate [options]`` under MPI; returns the exit status (same on every rank)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parse_or_report(parser, argv, PROG)
+    args = parse_or_report(parser, argv, PROG, under_mpi=True)
     if args is None:
         return 2
     from .comm import Comm

@@ -845,6 +845,25 @@ def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def holds_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds a run's checkpoint (``checkpoint.h5`` or history files)."""
+    run_dir = Path(run_dir)
+    return (run_dir / LATEST_NAME).exists() or bool(_history(run_dir))
+
+
+def newest_round(run_dir: str | os.PathLike) -> int | None:
+    """The highest round any checkpoint in ``run_dir`` claims (history file names and the
+    round of a readable ``checkpoint.h5``); None when there is none."""
+    run_dir = Path(run_dir)
+    rounds = [r for r, _ in _history(run_dir)]
+    try:
+        with h5py.File(run_dir / LATEST_NAME, "r") as f:
+            rounds.append(int(f.attrs["round"]))
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    return max(rounds) if rounds else None
+
+
 def find_latest_valid(run_dir: str | os.PathLike) -> tuple[Path, list[str]]:
     """Find the checkpoint to resume from: the valid one with the highest round.
 

@@ -38,14 +38,18 @@ class MPIParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_or_report(parser: argparse.ArgumentParser, argv: list[str], prog: str) -> argparse.Namespace | None:
+def parse_or_report(parser: argparse.ArgumentParser, argv: list[str], prog: str,
+                    under_mpi: bool = False) -> argparse.Namespace | None:
     """The parsed arguments, or None after rank 0 (or a process outside MPI) printed the usage error."""
     try:
         return parser.parse_args(argv)
     except UsageError as exc:
-        from .comm import world_rank  # the rank MPI reports, under any launcher
+        rank = supervisor.launcher_rank()
+        if rank is None and under_mpi:
+            from .comm import world_rank  # a launcher whose variables are not known: MPI knows
 
-        if world_rank() == 0:
+            rank = world_rank()
+        if not rank:
             parser.print_usage(sys.stderr)
             print(f"{prog}: error: {exc}", file=sys.stderr)
         return None
@@ -106,11 +110,25 @@ def config_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return unsafe, safe
 
 
+# Keys added after checkpoints were first written, with the behaviour those checkpoints had:
+# a checkpoint without the key resumes (or compares) as it ran, not with today's default.
+LEGACY_DEFAULTS = {("strategy", "weighting"): "samples", ("strategy", "fallback"): "none"}
+
+
+def with_legacy_defaults(raw: dict) -> dict:
+    out = json.loads(json.dumps(raw))
+    for (section, key), value in LEGACY_DEFAULTS.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section][key] = value
+    return out
+
+
 def normalized_config(raw: dict) -> dict:
-    """A config dict with every key present (defaults filled in), so that a checkpoint written
-    before a key existed compares equal to a config that leaves the key at its default."""
+    """A checkpoint's config dict with every key present: a key it predates takes the behaviour
+    it ran with (LEGACY_DEFAULTS), any other its default, so that it compares equal to a config
+    that leaves the key at its default."""
     try:
-        return Config.from_dict(json.loads(json.dumps(raw))).to_dict()
+        return Config.from_dict(with_legacy_defaults(raw)).to_dict()
     except ConfigError:
         return raw
 
@@ -162,7 +180,7 @@ def prepare(args, num_workers: int) -> dict:
     if args.config:
         cfg = load_config(args.config, args.set)
     elif ckpt is not None:
-        raw = json.loads(json.dumps(ckpt.config))
+        raw = with_legacy_defaults(ckpt.config)
         for text in args.set:
             section, key, value = parse_override(text)
             raw.setdefault(section, {})[key] = value
@@ -184,10 +202,16 @@ def prepare(args, num_workers: int) -> dict:
                 "say where the resumed run goes with --out"
             )
         target = Path(cfg.run.out).resolve()
-        if (own is None or target != own.resolve()) and (target / ckptmod.LATEST_NAME).exists():
+        if (own is None or target != own.resolve()) and ckptmod.holds_checkpoints(target):
             raise UsageError(
                 f"run directory {cfg.run.out} holds another run's checkpoint; a resumed run writes into its own "
                 f"directory{f' ({own})' if own is not None else ''} or into a fresh --out"
+            )
+        newest = ckptmod.newest_round(target)
+        if newest is not None and newest > ckpt.round:
+            raise UsageError(
+                f"run directory {cfg.run.out} holds rounds up to {newest}; resuming round {ckpt.round} there would "
+                "overwrite them: continue it with --resume DIR, or send this resume to a fresh --out"
             )
     elif args.out:
         cfg.run.out = args.out
@@ -199,7 +223,7 @@ def prepare(args, num_workers: int) -> dict:
     out = Path(cfg.run.out).resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"run directory {out} exists and is not a directory")
-    if ckpt is None and (out / "checkpoint.h5").exists():
+    if ckpt is None and ckptmod.holds_checkpoints(out):
         raise UsageError(
             f"run directory {out} already holds a checkpoint; continue it with --resume {cfg.run.out} "
             f"or choose another --out"
@@ -413,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:])
     parser = build_parser()
-    args = parse_or_report(parser, argv, "elfish-mpi")
+    args = parse_or_report(parser, argv, "elfish-mpi", under_mpi=argv[:1] == ["train"])
     if args is None:
         return 2
     if args.command is None:

@@ -130,12 +130,21 @@ class _Notes(threading.Thread):
         super().join(timeout)
 
 
+LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK", "PALS_RANKID")
+
+
+def launcher_rank() -> int | None:
+    """The rank as the launcher numbered it (MPICH, Open MPI, PMIx, SLURM, MVAPICH, PALS), or None."""
+    for var in LAUNCHER_RANK_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
 def default_who() -> str:
     """The rank as the launcher numbered it, for a death before the rank has said who it is."""
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return f"rank {os.environ[var]}"
-    return "an elfish-mpi process"
+    rank = launcher_rank()
+    return f"rank {rank}" if rank is not None else "an elfish-mpi process"
 
 
 def _say(line: str) -> None:

@@ -127,12 +127,45 @@ def test_usage_error_is_printed_once_under_mpich():
 
 
 def test_usage_error_is_printed_once_without_the_launchers_rank_variable():
-    # Prepare: Open MPI, with OMPI_COMM_WORLD_RANK removed from the ranks' environment, stands for
-    # a launcher whose variables are not known (srun --mpi=pmix sets PMIX_RANK); MPI still
-    # knows each process's rank.
+    # Prepare: Open MPI with OMPI_COMM_WORLD_RANK removed from the ranks' environment stands for
+    # srun --mpi=pmix, which sets PMIX_RANK (and SLURM_PROCID) but neither PMI_RANK nor
+    # OMPI_COMM_WORLD_RANK.
     launcher, env = open_mpi_launcher()
     cmd = [*launcher[:-1], "env", "-u", "OMPI_COMM_WORLD_RANK", launcher[-1], "-m", "elfish_mpi", "train", "--bogus"]
     # Execute
     code, lines = usage_error_lines(cmd, env)
     # Assert
     assert code != 0 and lines == ["elfish-mpi: error: unrecognized arguments: --bogus"]
+
+
+def test_resume_of_an_older_round_into_its_own_directory_is_refused(tmp_path):
+    # Prepare: a 2-round run with a checkpoint every round
+    out = tmp_path / "run"
+    first = launch(3, *tiny(out, 2))
+    assert first.returncode == 0, first.stderr
+    before = snapshot(out)
+    older = out / "checkpoints" / "round-000001.h5"
+    # Execute: resuming round 1 there would overwrite round 2 (and a later --resume DIR would
+    # mix the two branches)
+    res = launch(3, "--resume", str(older), "--set", "run.rounds=3")
+    # Assert
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"run directory {out} holds rounds up to 2; resuming round 1 there would overwrite them" in res.stderr
+    assert snapshot(out) == before
+
+
+def test_a_directory_with_only_history_files_is_not_reused(two_runs, tmp_path):
+    # Prepare: another run's directory that lost its checkpoint.h5 but keeps its history
+    other, mine = two_runs
+    history_only = tmp_path / "history-only"
+    (history_only / "checkpoints").mkdir(parents=True)
+    for p in (other / "checkpoints").glob("round-*.h5"):
+        (history_only / "checkpoints" / p.name).write_bytes(p.read_bytes())
+    before = snapshot(history_only)
+    # Execute
+    fresh = launch(3, *tiny(history_only, 1))
+    resumed = launch(3, "--resume", str(mine), "--out", str(history_only), "--set", "run.rounds=9")
+    # Assert
+    assert fresh.returncode == 2 and "already holds a checkpoint" in fresh.stderr
+    assert resumed.returncode == 2 and "holds another run's checkpoint" in resumed.stderr
+    assert snapshot(history_only) == before
