@@ -147,10 +147,10 @@ class Comm:
         self.wait(self.comm.Isend(values, dest=0, tag=TAG_VALUES))
 
     @staticmethod
-    def _test(request, owner, what: str) -> bool:
+    def _test(request, owner, what: str, status=None) -> bool:
         """Whether ``request`` completed; RankFailure naming ``owner`` when its rank failed."""
         try:
-            return request.Test()
+            return request.Test(status)
         except MPI.Exception as exc:
             raise RankFailure(f"worker rank {owner} failed while rank 0 waited for its {what}: "
                               f"{exc.Get_error_string().splitlines()[0]}") from None
@@ -200,10 +200,11 @@ class Comm:
         for w in range(len(sizes)):
             values = buf[: sizes[w]]
             req = self.comm.Irecv(values, source=w + 1, tag=TAG_VALUES)
+            status = MPI.Status()
             while True:
                 for v in np.flatnonzero(~stats_in):
                     stats_in[v] = self._test(stat_reqs[v], v + 1, "update")
-                if stats_in[w] and self._test(req, w + 1, "update"):
+                if stats_in[w] and self._test(req, w + 1, "update", status):
                     break
                 timed_out, stop = time.monotonic() > deadline, self._stop_overdue(started)
                 if timed_out or stop:
@@ -211,6 +212,9 @@ class Comm:
                     waiting = [req] + [stat_reqs[v] for v in np.flatnonzero(~stats_in)]
                     self._give_up(waiting, late, timed_out, timeout, "update")
                 time.sleep(_POLL)
+            got = status.Get_count(MPI.FLOAT)
+            if got != sizes[w]:  # (a longer message fails in MPI; a shorter one would not)
+                raise RankFailure(f"worker rank {w + 1} sent {got} values for an update of {sizes[w]}")
             on_update(w, stats[w], values)
         return stats
 

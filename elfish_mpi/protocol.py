@@ -108,7 +108,10 @@ def pack_masks(spec: ModelSpec, masks: list[dict[str, np.ndarray]]) -> np.ndarra
     for w, kept in enumerate(masks):
         offset = 0
         for name in spec.maskable:
-            bits[w, offset + np.asarray(kept[name], dtype=np.int64)] = True
+            idx = np.asarray(kept[name], dtype=np.int64)
+            if idx.size and (idx[0] < 0 or idx[-1] >= widths[name] or np.any(np.diff(idx) <= 0)):
+                raise ValueError(f"worker {w}, layer {name}: kept neurons must be sorted, unique and in 0..{widths[name] - 1}")
+            bits[w, offset + idx] = True
             offset += widths[name]
     return np.packbits(bits, axis=1)
 

@@ -96,7 +96,12 @@ class Strategy:
         return self.planner
 
     def round_deadline(self) -> float:
-        """Seconds of training per round this strategy allows (0: none)."""
+        """Seconds of training per round this strategy allows (0: none): an explicit
+        ``strategy.deadline``, or the planner's default one."""
+        if not self.uses_planner:
+            return 0.0
+        if self.cfg.strategy.deadline:
+            return self.cfg.strategy.deadline
         return self.require_planner().round_deadline() if self.needs_planner else 0.0
 
     @property
@@ -138,6 +143,10 @@ class FedAvgDrop(Strategy):
     name = "fedavg-drop"
     uses_planner = True
 
+    @property
+    def needs_planner(self) -> bool:  # only to derive the default deadline
+        return not self.cfg.strategy.deadline
+
     def configure(self, round: int) -> list[Assignment]:
         steps = self.cfg.train.local_steps
         limit = self.round_deadline()
@@ -165,6 +174,10 @@ class HeteroFL(Strategy):
         super().__init__(cfg, spec, num_workers)
         self.widths: list[float] | None = None
 
+    @property
+    def needs_planner(self) -> bool:  # fixed widths plan nothing
+        return not self.cfg.strategy.keep_ratios
+
     def configure(self, round: int) -> list[Assignment]:
         if self.widths is None:  # fixed once, from the profiles
             fixed = self.cfg.strategy.keep_ratios
@@ -183,6 +196,7 @@ class FedRolex(HeteroFL):
 
 class Elfish(Strategy):
     name = "elfish"
+    uses_planner = True
 
     @property
     def mask_policy(self) -> str:

@@ -72,3 +72,12 @@ def test_plan_gives_each_worker_its_task_and_pickles():
     task = again.task(1)
     assert (task.steps, task.time_limit, task.capacity, task.weighting) == (3, 2.5, 0.25, "count")
     assert Plan.stop_message().stop
+
+
+@pytest.mark.parametrize("bad", [[-1, 3], [3, 1], [2, 2], [0, 20]])
+def test_pack_masks_refuses_indices_it_cannot_carry(bad):
+    # a negative index would land in another layer's bits; unsorted ones would not match rank 0's order
+    spec = lenet()
+    kept = {"conv1": np.array(bad), "conv2": np.arange(50), "fc1": np.arange(500)}
+    with pytest.raises(ValueError, match="sorted, unique and in 0..19"):
+        pack_masks(spec, [kept])
