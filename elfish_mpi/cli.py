@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="configuration keys (TOML sections; override any with --set section.key=value):\n\n" + keys,
     )
     t.add_argument("--config", help="TOML config file (default: the built-in defaults; with --resume: the checkpoint's config)")
-    t.add_argument("--out", help="run directory (overrides run.out)")
-    t.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint file, or from the newest valid one in a run directory")
+    t.add_argument("--out", help="run directory (overrides run.out); must not hold another run's checkpoint")
+    t.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint file, or from the newest valid one in a run "
+                   "directory; the run goes on in that run directory (or --out, a fresh one; a file outside a run "
+                   "directory needs --out)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     i = sub.add_parser("inspect", help="print a checkpoint's summary")
     i.add_argument("checkpoint")

@@ -230,7 +230,8 @@ class StrategyConfig:
         0.0,
     )
     balance: float = _doc(
-        "Balancing exponent b of elfish's aggregation: a worker's weight is num_samples * keep_ratio**b, "
+        "Balancing exponent b of elfish's aggregation: a worker's weight is num_samples * keep_ratio**b "
+        "(1 * keep_ratio**b with strategy.weighting = count), "
         "so soft-trained updates count less (b > 0) or as much as full ones (b = 0).",
         0.5,
     )

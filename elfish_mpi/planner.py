@@ -15,8 +15,10 @@ trains the full model. Otherwise the planner removes neurons greedily, ``step`` 
 (at least one neuron) at a time: each move cuts the layer whose neurons are the most
 resource-intensive, i.e. the cut that saves the most predicted time per neuron it really
 removes, never below ``min_keep`` (in whole neurons, rounded up) and never a move that saves
-nothing, until the prediction meets the deadline or every layer is at its floor. Plans are
-whole numbers of neurons: a layer's ratio is its kept count over its width.
+nothing, until the prediction meets the deadline or every layer is at its floor. Its plans
+are whole numbers of neurons: a layer's ratio is its kept count over its width. (The
+nested widths of HeteroFL/FedRolex, :meth:`Planner.plan_uniform`, are multiples of ``step``
+instead, one ratio for every layer, rounded up to whole neurons when masks are drawn.)
 
 When even the floor misses the deadline, ``strategy.fallback = "steps"`` has the worker take
 only the local steps that fit in it (:meth:`Planner.steps_within` at its plan, recorded in

@@ -6,7 +6,9 @@ mask policy (which neurons the ratios keep), the weighting of the updates and th
 exponent. It owns its aggregation rule: ``begin`` opens a round's sums, ``aggregate`` folds
 each accepted update into them as it arrives, ``finish`` returns the new model (by default
 the masked, weighted recovery of aggregation.py, ``balanced`` or ``naive``). The round loop
-calls these and knows no rule by name; a new rule is a new method. Every strategy runs on the
+calls these and knows no rule by name; a new rule is a new method. (With
+``strategy.transport = reduce`` MPI forms the sums from the workers' weighted updates, so
+``aggregate`` is not called there; ``begin`` and ``finish`` are.) Every strategy runs on the
 same MPI path, data, seeds and throttled fleet, so they compare fairly; every strategy
 that has a round deadline faces the same one, :meth:`Planner.round_deadline`.
 
@@ -35,7 +37,8 @@ and FedRolex's official code); ``auto`` is each strategy's own paper's rule.
   a worker that misses the deadline even with every layer at ``min_keep`` takes the steps
   that fit (``strategy.fallback = steps``, the default) or all of them (``none``);
   ``strategy.aggregation`` balanced (default) or naive (the ablation), weights
-  ``num_samples * keep_ratio ** strategy.balance``.
+  ``num_samples * keep_ratio ** strategy.balance`` (1 instead of num_samples with
+  ``strategy.weighting = count``).
 """
 from __future__ import annotations
 

@@ -1,15 +1,16 @@
 """How a round's updates travel from the workers to rank 0: both ends of both transports.
 
-- ``gather``: each worker sends its stats vector and the change of its kept values only
+- ``gather``: each worker sends its :data:`protocol.UPDATE` record and the change of its kept values only
   (float32, in ``submodel.param_index`` order); rank 0 receives them point to point, so it
   can name a worker that is late, and folds the accepted ones into the weighted sums.
-- ``reduce``: each worker sends its stats vector, then takes part in an MPI sum of dense
+- ``reduce``: each worker sends its record, then takes part in an MPI sum of dense
   float64 arrays ``[weight * delta, weight]`` over the whole model (zeros where it trained
   nothing, and everywhere when its update is not to count).
 
 Either way rank 0 ends with ``num = sum_k w_k m_k delta_k`` and ``den = sum_k w_k m_k``
-(aggregation.py), folded by the strategy as each update arrives (gather) or from the
-reduction, in O(parameters) memory. The round loop and ``elfish-mpi perf transport`` both
+(aggregation.py) in O(parameters) memory: folded by the strategy's ``aggregate`` as each
+update arrives (gather), or formed by MPI from the workers' weighted updates (reduce, where
+a strategy's own ``aggregate`` does not run: a new rule needs gather). The round loop and ``elfish-mpi perf transport`` both
 use these functions, so the benchmark measures the code that runs.
 """
 from __future__ import annotations
