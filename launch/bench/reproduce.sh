@@ -74,3 +74,9 @@ mpiexec -n 5 elfish-mpi perf transport --keep 1,1,0.5,0.25 | tee -a "$OUT/6-comm
 step "8. a killed rank"
 python "$(dirname "$0")/kill_latency.py" --repeats 10 --rank 2 | tee "$OUT/8-kill-latency.md"
 python "$(dirname "$0")/kill_latency.py" --repeats 5 --rank 0 | tee -a "$OUT/8-kill-latency.md"
+
+# 9. Throttle calibration: the cgroup throttle (needs root and a writable cgroup cpu controller).
+step "9. cgroup throttle calibration, 3 runs"
+for i in 1 2 3; do
+    mpiexec -n 5 elfish-mpi calibrate --throttle cgroup --capacity 1,1,0.5,0.25 | tee -a "$OUT/9-calibrate-cgroup.md" || true
+done
