@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import TRANSPORTS
 from .protocol import UPDATE_FIELDS, update_buffer, updates_from_buffer
-
-TRANSPORTS = ("gather", "reduce")
 
 
 def payload(transport: str, size: int, idx: np.ndarray, delta: np.ndarray, weight: float, counts: bool) -> np.ndarray:
