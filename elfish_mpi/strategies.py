@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .aggregation import RoundSums, combine
-from .config import Config
+from .config import Config, ConfigError
 from .models import ModelSpec
 from .planner import Planner
 
@@ -234,4 +234,10 @@ STRATEGIES = {cls.name: cls for cls in (FedAvg, FedAvgDrop, FedProxPartial, Hete
 
 
 def make_strategy(cfg: Config, spec: ModelSpec, num_workers: int) -> Strategy:
-    return STRATEGIES[cfg.strategy.name](cfg, spec, num_workers)
+    strategy = STRATEGIES[cfg.strategy.name](cfg, spec, num_workers)
+    if cfg.strategy.transport == "reduce" and type(strategy).aggregate is not Strategy.aggregate:
+        # MPI forms the sums under reduce: a rule of the strategy's own would not run
+        raise ConfigError(
+            f"strategy.transport = 'reduce' cannot carry strategy {strategy.name!r}'s own aggregation; use 'gather'"
+        )
+    return strategy

@@ -245,3 +245,22 @@ def test_the_strategy_folds_updates_as_they_arrive_into_the_recovered_model(mode
     trained = den > 0
     expect[trained] += num[trained] / (den[trained] if mode == "balanced" else 525.0)
     np.testing.assert_allclose(new, expect.astype(np.float32), rtol=1e-6)
+
+
+def test_a_strategy_with_its_own_aggregation_is_refused_under_reduce(monkeypatch):
+    # Prepare: a rule of its own (here: updates count double), which MPI's reduce would skip
+    from elfish_mpi import strategies
+    from elfish_mpi.config import ConfigError
+
+    class Doubled(strategies.Elfish):
+        name = "elfish"
+
+        def aggregate(self, sums, idx, delta, weight):
+            sums.add(idx, delta, 2 * weight)
+
+    monkeypatch.setitem(strategies.STRATEGIES, "elfish", Doubled)
+
+    # Execute / Assert
+    assert isinstance(make_strategy(load_config(), LENET, 2), Doubled)  # gather: its rule runs
+    with pytest.raises(ConfigError, match="cannot carry strategy 'elfish''s own aggregation; use 'gather'"):
+        make_strategy(load_config(None, ["strategy.transport=reduce"]), LENET, 2)
