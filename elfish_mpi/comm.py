@@ -189,8 +189,8 @@ class Comm:
         values)`` in worker order (so that sums come out the same in every run), received into
         one reused buffer: memory does not grow with the number of workers. A worker that
         finished early waits in its send until rank 0 gets to it, which costs it nothing: the
-        next round starts after the aggregation anyway. Late ranks are named by their stats,
-        which a worker sends first."""
+        next round starts after the aggregation anyway. On a timeout the ranks named are the
+        one whose values rank 0 waits for and every one whose stats (sent first) are missing."""
         stats = np.empty((len(sizes), stats_len), dtype=np.float64)
         stat_reqs = [self.comm.Irecv(stats[w], source=w + 1, tag=TAG_STATS) for w in range(len(sizes))]
         stats_in = np.zeros(len(sizes), dtype=bool)
@@ -208,7 +208,7 @@ class Comm:
                     break
                 timed_out, stop = time.monotonic() > deadline, self._stop_overdue(started)
                 if timed_out or stop:
-                    late = [v + 1 for v in np.flatnonzero(~stats_in)] or [w + 1]
+                    late = sorted({w + 1} | {v + 1 for v in np.flatnonzero(~stats_in)})
                     waiting = [req] + [stat_reqs[v] for v in np.flatnonzero(~stats_in)]
                     self._give_up(waiting, late, timed_out, timeout, "update")
                 time.sleep(_POLL)

@@ -81,3 +81,16 @@ def test_missing_update_times_out_naming_the_rank(comm):
     elif comm.rank == 1:
         comm.send_update(np.ones(1), np.ones(2, dtype=np.float32))
     comm.barrier()
+
+
+def test_update_whose_values_never_come_times_out_naming_the_rank(comm):
+    # Prepare: rank 1 sends its stats but not its values; the others stay silent
+    if comm.rank == 0:
+        # Execute / Assert: rank 1 is named although its stats arrived
+        with pytest.raises(RoundTimeout) as info:
+            comm.stream_updates([2] * (comm.size - 1), 1, 0.5, lambda *update: None)
+        ranks = ", ".join(str(r) for r in range(1, comm.size))
+        assert f"worker rank(s) {ranks} within" in str(info.value)
+    elif comm.rank == 1:
+        comm.send_stats(np.ones(1))
+    comm.barrier()
