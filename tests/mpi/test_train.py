@@ -248,6 +248,11 @@ def test_every_strategy_runs_on_the_same_path(strategy):
              "--set", "strategy.keep_ratios=[]", "--set", "train.local_steps=4"]
     if naive:
         extra += ["--set", "strategy.aggregation=naive"]
+    if name == "fedavg-drop":
+        # An explicit deadline, far from both workers' CPU times (4 LeNet steps: about 0.05 s
+        # at full speed, 0.2 s at capacity 0.25): the default one (the fastest worker's
+        # prediction + 10%) is a coin toss for a full-speed worker on a shared machine.
+        extra += ["--set", "strategy.deadline=0.12"]
     # Execute
     rc = train(out, *extra, rounds=3)
     # Assert
@@ -265,7 +270,7 @@ def test_every_strategy_runs_on_the_same_path(strategy):
         if name == "fedavg-drop":
             dropped = f["workers/dropped"][()]
             assert dropped[:, -1].sum() == 3  # the 4x straggler misses the deadline every round
-            assert dropped[:, 0].sum() < 3  # a full-speed worker makes it (timing noise aside)
+            assert dropped[:, 0].sum() <= 1  # a full-speed worker makes it (one noisy round aside)
         if name == "fedprox-partial":
             steps = f["workers/steps"][()]
             assert np.all(steps[:, -1] < steps[:, 0])
