@@ -446,7 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "train":
-        return train(args)
+        code = train(args)
+        if as_program:
+            from . import signals
+
+            signals.ignore_from_now()
+        return code
     commands = {"inspect": inspect, "validate": validate, "config": show_config}
     try:
         return commands[args.command](args)

@@ -26,6 +26,15 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
+def ignore_from_now() -> None:
+    """The job's verdict is in: a stop signal that arrives while the process exits (srun's
+    SIGTERM to the tasks still running once one has exited with EXIT_PREEMPTED, under
+    --kill-on-bad-exit) must not turn that exit into death by signal. Python's own handlers
+    are reset to the default during the interpreter's teardown; an ignored signal stays ignored."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def requested() -> str | None:
     """The name of the first stop signal received, or None."""
     return signal.Signals(_received[0][0]).name if _received else None

@@ -93,6 +93,8 @@ def run(argv: list[str] | None = None) -> int:
     code = child.wait()
     notes.join()
     if code >= 0 or notes.released:
+        for sig in FORWARD:  # the rank's verdict is in: a late stop signal must not replace it
+            signal.signal(sig, signal.SIG_IGN)
         return code if code >= 0 else 128 - code
     sig = -code
     if sig not in received:  # (a signal sent to every process of the job is no news)
