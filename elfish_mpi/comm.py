@@ -62,7 +62,7 @@ class Comm:
         With ``timeout``, raise :class:`RoundTimeout` when it has not completed in time."""
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        while not req.Test():
+        while not self._test(req, "another", what or "a transfer", waiter="this rank"):
             if deadline is not None and time.monotonic() > deadline:
                 raise RoundTimeout(f"{what} did not complete within run.round_timeout = {timeout:g} s")
             if self._stop_overdue(started):
@@ -147,13 +147,16 @@ class Comm:
         self.wait(self.comm.Isend(values, dest=0, tag=TAG_VALUES))
 
     @staticmethod
-    def _test(request, owner, what: str, status=None) -> bool:
-        """Whether ``request`` completed; RankFailure naming ``owner`` when its rank failed."""
+    def _test(request, owner, what: str, status=None, waiter: str = "") -> bool:
+        """Whether ``request`` completed; RankFailure naming ``owner`` when its rank failed
+        (with ``waiter``: a rank's wait in a collective, where MPI does not say which rank)."""
         try:
             return request.Test(status)
         except MPI.Exception as exc:
-            raise RankFailure(f"worker rank {owner} failed while rank 0 waited for its {what}: "
-                              f"{exc.Get_error_string().splitlines()[0]}") from None
+            error = exc.Get_error_string().splitlines()[0]
+            if waiter:
+                raise RankFailure(f"{owner} rank failed while {waiter} waited for {what}: {error}") from None
+            raise RankFailure(f"worker rank {owner} failed while rank 0 waited for its {what}: {error}") from None
 
     def _wait_all(self, requests: list, owners: list, timeout: float, what: str) -> None:
         pending = set(range(len(requests)))
