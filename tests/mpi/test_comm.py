@@ -70,27 +70,20 @@ def test_reduce_sum_adds_every_rank(comm):
         assert out is None  # the sum is rank 0's alone
 
 
-def test_missing_update_times_out_naming_the_rank(comm):
-    # Prepare: only rank 1 sends; the others stay silent this round.
+@pytest.mark.parametrize("rank1_sends, first_named", [("update", 2), ("stats only", 1)])
+def test_missing_update_times_out_naming_the_rank(comm, rank1_sends, first_named):
+    # Prepare: rank 1 sends its whole update, or its stats but not its values; the others
+    # stay silent this round.
     if comm.rank == 0:
-        # Execute / Assert
+        # Execute / Assert: every rank whose update is missing is named (rank 1 too when only
+        # its stats came), and no other
         with pytest.raises(RoundTimeout) as info:
             comm.stream_updates([2] * (comm.size - 1), 1, 0.5, lambda *update: None)
-        silent = ", ".join(str(r) for r in range(2, comm.size))
-        assert f"worker rank(s) {silent}" in str(info.value)
+        named = ", ".join(str(r) for r in range(first_named, comm.size))
+        assert f"worker rank(s) {named} within" in str(info.value)
     elif comm.rank == 1:
-        comm.send_update(np.ones(1), np.ones(2, dtype=np.float32))
-    comm.barrier()
-
-
-def test_update_whose_values_never_come_times_out_naming_the_rank(comm):
-    # Prepare: rank 1 sends its stats but not its values; the others stay silent
-    if comm.rank == 0:
-        # Execute / Assert: rank 1 is named although its stats arrived
-        with pytest.raises(RoundTimeout) as info:
-            comm.stream_updates([2] * (comm.size - 1), 1, 0.5, lambda *update: None)
-        ranks = ", ".join(str(r) for r in range(1, comm.size))
-        assert f"worker rank(s) {ranks} within" in str(info.value)
-    elif comm.rank == 1:
-        comm.send_stats(np.ones(1))
+        if rank1_sends == "update":
+            comm.send_update(np.ones(1), np.ones(2, dtype=np.float32))
+        else:
+            comm.send_stats(np.ones(1))
     comm.barrier()
