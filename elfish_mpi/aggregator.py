@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from . import checkpoint as ckptmod
 from . import profiling, signals, supervisor
+from .evaluation import combine, evaluate_chunks, num_chunks
 from .comm import Comm, RankFailure, RoundTimeout
 from .fleet import load_trace
 from .config import Config
@@ -23,21 +23,11 @@ from .planner import Planner
 from .strategies import make_strategy
 from .transport import receive
 from .submodel import flat_from_state_dict, flat_params, load_flat, param_index, state_dict_from_flat
-from .protocol import Plan, pack_masks
+from .protocol import Plan, eval_buffer, pack_masks
 
 STOP_BCAST = "the broadcast that ends the run (a worker rank stopped answering)"
 MASKS_BCAST = "the broadcast of the round's masks (a worker rank stopped answering)"
-
-
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
-    correct, loss = 0, 0.0
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(y), batch):
-            out = model(x[i : i + batch])
-            loss += float(F.cross_entropy(out, y[i : i + batch], reduction="sum"))
-            correct += int((out.argmax(1) == y[i : i + batch]).sum())
-    return correct / len(y), loss / len(y)
+EVAL_BCAST = "the broadcast of the model to evaluate (a worker rank stopped answering)"
 
 
 class Aggregator:
@@ -46,7 +36,10 @@ class Aggregator:
         self.num_workers = comm.size - 1
         self.setup = setup
         self.out = Path(cfg.run.out)
-        self.x_test, self.y_test = test
+        self.x_test, self.y_test = test  # rank 0's share of the test set (evaluation.py)
+        self.test_images = int(setup["test_images"])
+        self.eval_shares = [tuple(r) for r in setup["eval_shares"]]
+        self.eval_workers = [w for w in range(self.num_workers) if self.eval_shares[w + 1][1] > self.eval_shares[w + 1][0]]
         self.strategy = make_strategy(cfg, spec, self.num_workers)
         self.start_capacity = cfg.capacities(self.num_workers)
         self.trace = load_trace(cfg.workers.trace, self.num_workers) if cfg.workers.trace else None
@@ -139,7 +132,7 @@ class Aggregator:
             plan = Plan(
                 round=rnd, steps=tuple(a.steps for a in assignments), time_limit=tuple(a.time_limit for a in assignments),
                 mu=tuple(a.mu for a in assignments), capacity=tuple(capacity), balance=self.strategy.balance,
-                weighting=self.strategy.weighting,
+                weighting=self.strategy.weighting, evaluate=self.workers_evaluate(),
             )
             try:
                 self.comm.bcast_obj(plan, timeout=cfg.run.round_timeout)
@@ -149,7 +142,7 @@ class Aggregator:
                 self.save_pending()
                 raise type(exc)(f"round {rnd}: {exc}") from None
             if self.pending is not None:  # the last round's evaluation and checkpoint, overlapped
-                self.finish_round()
+                self.finish_round(broadcast=False)
             # 3. collect the masked updates; drop late and non-finite ones; recover the global model
             idxs = [param_index(spec, m) for m in masks]
             stats, sums, accepted = self.collect(rnd, idxs)
@@ -183,29 +176,68 @@ class Aggregator:
         self.summary()
         return 0
 
-    def finish_round(self) -> None:
+    def due(self, rnd: int) -> bool:
+        """Whether round ``rnd``'s model is evaluated (by the round number alone: never timing)."""
+        return rnd % self.cfg.run.eval_every == 0 or rnd == self.cfg.run.rounds
+
+    def workers_evaluate(self) -> int:
+        """The round whose model the workers evaluate with the next broadcast (0: none): the
+        pending round, when it is due and workers hold a share of the test set."""
+        if self.pending is None or not self.eval_workers or not self.due(self.pending[0]):
+            return 0
+        return self.pending[0]
+
+    def evaluate(self, rnd: int, broadcast: bool) -> None:
+        """Round ``rnd``'s accuracy and loss, from every rank's share of the test chunks (rank
+        0's here, the workers' as they send them). With ``broadcast``, the model first goes to
+        the workers in an evaluation-only plan; otherwise it went with the next round's plan."""
+        cfg = self.cfg
+        t_eval = time.perf_counter()
+        if broadcast and self.eval_workers:
+            self.comm.bcast_obj(Plan.evaluate_only(rnd), timeout=cfg.run.round_timeout, what=EVAL_BCAST)
+            self.comm.bcast_array(self.flat, cfg.run.round_timeout, what=EVAL_BCAST)
+        per_chunk = np.zeros((num_chunks(self.test_images), 2), dtype=np.float64)
+        first, stop = self.eval_shares[0]
+        if stop > first:
+            load_flat(self.model, self.flat)
+            per_chunk[first:stop] = evaluate_chunks(self.model, self.x_test, self.y_test)
+        bufs = {w: eval_buffer(self.eval_shares[w + 1][1] - self.eval_shares[w + 1][0]) for w in self.eval_workers}
+        self.comm.recv_evals(bufs, cfg.run.round_timeout)
+        for w, buf in bufs.items():
+            first, stop = self.eval_shares[w + 1]
+            per_chunk[first:stop] = buf[1:]
+            self.workers["eval_time"][-1][w] = float(buf[0, 0])
+        acc, loss = combine(per_chunk, self.test_images)
+        self.metrics["test_accuracy"][-1], self.metrics["test_loss"][-1] = acc, loss
+        self.metrics["eval_time"][-1] = time.perf_counter() - t_eval
+
+    def finish_round(self, broadcast: bool = True) -> None:
         """Evaluate the model of the pending round (if due), report it and checkpoint it (if
-        due). Called right after the round, or during the next one while the workers train:
+        due). Called right after the round (``broadcast``: the workers get the model in an
+        evaluation-only plan), or during the next one, whose broadcast carried the model:
         either way the model, masks, coverage, cursors and planner are still that round's."""
         rnd, round_time, keep, stats, stopping = self.pending
         self.pending = None
         cfg = self.cfg
-        if rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds:
-            t_eval = time.perf_counter()
-            load_flat(self.model, self.flat)
-            acc, loss = evaluate(self.model, self.x_test, self.y_test)
-            self.metrics["test_accuracy"][-1], self.metrics["test_loss"][-1] = acc, loss
-            self.metrics["eval_time"][-1] = time.perf_counter() - t_eval
+        try:
+            if self.due(rnd):
+                self.evaluate(rnd, broadcast)
+        except (RoundTimeout, RankFailure) as exc:  # the round's checkpoint (not evaluated) still counts
+            self.save(rnd)
+            raise type(exc)(f"round {rnd}: evaluation: {exc}") from None
         self.report(rnd, self.metrics["test_accuracy"][-1], round_time, keep, stats)
         if rnd % cfg.checkpoint.every == 0 or rnd == cfg.run.rounds or stopping:
             self.save(rnd)
 
     def save_pending(self) -> None:
         """Before the job ends on a failed round: the previous round's checkpoint, if its
-        overlapped write had not happened yet (the model is still that round's)."""
+        overlapped write had not happened yet (the model is still that round's; not
+        evaluated: the workers that hold the test set's other shares do not answer)."""
         if self.pending is not None:
+            rnd = self.pending[0]
+            self.pending = None
             try:
-                self.finish_round()
+                self.save(rnd)
             except Exception as exc:  # the failure being reported matters more
                 print(f"elfish-mpi: could not write the pending checkpoint: {exc}", file=sys.stderr, flush=True)
 
@@ -249,8 +281,9 @@ class Aggregator:
             "eval_time": 0.0,
             "checkpoint_time": 0.0,
         }
+        done = len(self.metrics.get("round", []))  # rounds recorded before (a key new since then: NaN there)
         for k, v in row.items():
-            self.metrics.setdefault(k, []).append(v)
+            self.metrics.setdefault(k, [float("nan")] * done).append(v)
         per_worker = {
             "keep_ratio": keep,
             "compute_ratio": [compute_ratio(self.spec, m) for m in masks],
@@ -266,12 +299,13 @@ class Aggregator:
             "steps": stats["steps"],
             "dropped": stats["late"],
             "rejected": 1.0 - stats["finite"],
+            "eval_time": np.zeros(self.num_workers),  # filled in where evaluated (its share of the test set)
         }
         widths = self.spec.full_widths()
         for name in self.spec.maskable:  # the share kept (keep counts round up), not the ratio asked for
             per_worker[f"keep_ratio_{name}"] = [len(m[name]) / widths[name] for m in masks]
         for k, v in per_worker.items():
-            self.workers.setdefault(k, []).append([float(x) for x in v])
+            self.workers.setdefault(k, [[float("nan")] * self.num_workers for _ in range(done)]).append([float(x) for x in v])
         self.masks[rnd] = masks
 
     def report(self, rnd, acc, round_time, keep, stats) -> None:

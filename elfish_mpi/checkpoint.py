@@ -125,6 +125,10 @@ UNITS = {
     "virtual_time": "s",
     "busy_time": "s",
     "idle_time": "s",
+    "eval_time": "s",
+    "checkpoint_time": "s",
+    "wall_clock": "s",
+    "step_time": "s",
     "test_accuracy": "fraction 0..1",
     "keep_ratio": "fraction 0..1",
 }

@@ -22,6 +22,7 @@ from .config import Config, ConfigError, load_config, parse_override
 # Changes between a checkpoint's config and the resuming one that are safe.
 SAFE_RESUME_KEYS = {
     "run.rounds", "run.out", "run.round_timeout", "run.stop_grace", "run.eval_every", "run.threads", "run.overlap_eval",
+    "run.eval_on",
     "checkpoint.every", "checkpoint.keep", "data.path",
 }
 
@@ -164,6 +165,7 @@ def prepare(args, num_workers: int) -> dict:
     """Rank 0's checks before any work. Raises ConfigError/DataError/CheckpointError/UsageError."""
     from . import checkpoint as ckptmod
     from . import data as datamod
+    from .evaluation import rank_shares
     from .models import get_spec
     from .strategies import make_strategy
 
@@ -263,6 +265,9 @@ def prepare(args, num_workers: int) -> dict:
         "data_path": data_path,
         "num_classes": test.num_classes,
         "in_shape": in_shape,
+        "test_images": len(test.labels),
+        # every rank's share of the evaluation, rank 0 first (evaluation.py)
+        "eval_shares": rank_shares(len(test.labels), cfg.run.eval_on, cfg.capacities(num_workers)),
         "resume": ckpt is not None,
         # a strategy that does not plan (fedavg, elfish with fixed keep ratios) does not profile
         "profile": ckpt is None and make_strategy(cfg, spec, num_workers).needs_planner,
@@ -348,6 +353,7 @@ def run_job(comm, setup: dict) -> int:
 
     from . import data as datamod
     from .aggregator import Aggregator
+    from .evaluation import image_range
     from .models import get_spec
     from .worker import Worker
 
@@ -361,10 +367,12 @@ def run_job(comm, setup: dict) -> int:
     hosts = comm.allgather_obj(socket.gethostname())
     role, error = None, None
     try:
-        if comm.rank == 0:
-            test = setup["_test"]
-            x = torch.from_numpy(datamod.normalize(test.images))
-            y = torch.from_numpy(test.labels.astype("int64"))
+        if comm.rank == 0:  # rank 0 keeps its share of the test set only
+            start, stop = image_range(setup["test_images"], setup["eval_shares"][0])
+            test = setup.pop("_test")
+            x = torch.from_numpy(datamod.normalize(test.images[start:stop]))
+            y = torch.from_numpy(test.labels[start:stop].astype("int64"))
+            del test
             role = Aggregator(comm, cfg, spec, dict(setup, resume_ckpt=setup["_ckpt"]), (x, y))
         else:
             role = Worker(comm, cfg, spec, setup, hosts)

@@ -18,6 +18,7 @@ from . import signals
 
 TAG_STATS = 11
 TAG_VALUES = 12
+TAG_EVAL = 13
 _POLL = 0.0005
 
 
@@ -220,6 +221,16 @@ class Comm:
                 raise RankFailure(f"worker rank {w + 1} sent {got} values for an update of {sizes[w]}")
             on_update(w, stats[w], values)
         return stats
+
+    def send_eval(self, buf: np.ndarray) -> None:
+        """A worker's evaluation result (protocol.eval_buffer) to rank 0."""
+        self.wait(self.comm.Isend(np.ascontiguousarray(buf, dtype=np.float64), dest=0, tag=TAG_EVAL))
+
+    def recv_evals(self, bufs: dict[int, np.ndarray], timeout: float) -> None:
+        """Rank 0: worker ``w``'s evaluation result into ``bufs[w]`` (from rank w + 1), for
+        every ``w`` given; RoundTimeout naming the ranks still missing after ``timeout``."""
+        reqs = [self.comm.Irecv(buf, source=w + 1, tag=TAG_EVAL) for w, buf in bufs.items()]
+        self._wait_all(reqs, [w + 1 for w in bufs], timeout, "evaluation result")
 
     def recv_stats(self, num_workers: int, stats_len: int, timeout: float) -> np.ndarray:
         stats = np.empty((num_workers, stats_len), dtype=np.float64)

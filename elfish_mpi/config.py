@@ -52,6 +52,9 @@ def _number(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False
         raise ConfigError(f"{key} = {value!r} must be a number in {bracket}{lo}, {hi}]")
 
 
+EVAL_ON = ("all", "root")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     rounds: int = _doc("Number of federated rounds to run (in total, counting rounds restored by --resume).", 20)
@@ -71,9 +74,17 @@ class RunConfig:
         1,
     )
     overlap_eval: bool = _doc(
-        "Evaluate and write the checkpoint of round r on rank 0 while the workers train round r+1, "
-        "off the round's critical path (the last round and a stop are finished at once).",
+        "Evaluate round r's model and write its checkpoint during round r+1: its model goes out with round "
+        "r+1's plan, the ranks evaluate their shares of the test set (workers before training) and rank 0 "
+        "writes the file while the workers train (the last round and a stop are finished at once; false: "
+        "before round r+1 starts).",
         True,
+    )
+    eval_on: str = _doc(
+        "Which ranks evaluate the global model: all (rank 0 and every worker evaluate a share of the "
+        "test set in proportion to their capacity, and rank 0 adds up the counts), or root (rank 0 "
+        "alone). The figures are the same bit for bit either way.",
+        "all",
     )
 
     def __post_init__(self) -> None:
@@ -88,6 +99,7 @@ class RunConfig:
         _positive_int("run.threads", self.threads)
         if not isinstance(self.overlap_eval, bool):
             raise ConfigError(f"run.overlap_eval = {self.overlap_eval!r} must be true or false")
+        _choice("run.eval_on", self.eval_on, EVAL_ON)
 
 
 DATA_NAMES = ("fashion-mnist", "mnist", "femnist", "cifar10", "npz")
@@ -102,7 +114,7 @@ class DataConfig:
     alpha: float = _doc("Dirichlet concentration for partition = dirichlet (smaller: more label skew).", 0.5)
     shards_per_worker: int = _doc("Shards per worker for partition = shards.", 2)
     max_samples: int = _doc("Cap on each worker's training samples (0: all of its partition).", 0)
-    test_samples: int = _doc("Test samples rank 0 evaluates on (0: the whole test split).", 0)
+    test_samples: int = _doc("Test samples the global model is evaluated on: the first this many of the test split (0: all of it).", 0)
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATA_NAMES)

@@ -3,11 +3,17 @@
 Declared once here and imported by both sides (aggregator.py, worker.py, perf.py). Per round:
 
 1. rank 0 broadcasts a :class:`Plan` (a small frozen dataclass, the only pickled message);
-2. if the plan does not say stop, the round's masks as one packed bit buffer (``Bcast`` of
-   ``uint8``, :func:`pack_masks`: one row per worker, one bit per maskable neuron, layers in
-   the model's order), then the global model (``Bcast`` of float32);
-3. each worker sends back one :data:`UPDATE` record (a numpy structured dtype of float64
-   fields, sent as its raw buffer) and its update (transport.py).
+2. if the plan does not say stop: when it trains, the round's masks as one packed bit buffer
+   (``Bcast`` of ``uint8``, :func:`pack_masks`: one row per worker, one bit per maskable
+   neuron, layers in the model's order); then the global model (``Bcast`` of float32);
+3. when the plan says ``evaluate`` (the round whose model that broadcast is, under
+   ``run.eval_on = "all"``), each worker with a share of the test set evaluates it first and
+   sends its :func:`eval_buffer` (evaluation.py's chunk results) to rank 0;
+4. when it trains, each worker sends back one :data:`UPDATE` record (a numpy structured
+   dtype of float64 fields, sent as its raw buffer) and its update (transport.py).
+
+A plan that only evaluates (``train`` false: after the last round, or every evaluated round
+with ``run.overlap_eval = false``) has steps 3 alone.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from .models import ModelSpec
 
 # The record every worker sends with its update: one float64 per field, in this order.
 UPDATE = np.dtype([
-    ("busy_time", "f8"),  # wall seconds from model received to update ready
+    ("busy_time", "f8"),  # wall seconds of training: from the model received (and evaluated) to update ready
     ("step_time", "f8"),  # mean seconds per step in the planning clock (wall, or virtual for throttle=virtual)
     ("virtual_time", "f8"),  # CPU seconds / capacity spent training this round
     ("num_samples", "f8"),  # training samples the worker holds
@@ -77,17 +83,29 @@ class Plan:
     capacity: tuple[float, ...] = ()
     balance: float = 0.0
     weighting: str = "samples"
+    evaluate: int = 0  # the round whose model is broadcast, when the workers evaluate it (0: no)
+    train: bool = True  # false: the workers only evaluate
     stop: bool = False
 
     @classmethod
     def stop_message(cls) -> "Plan":
         return cls(round=0, stop=True)
 
+    @classmethod
+    def evaluate_only(cls, rnd: int) -> "Plan":
+        return cls(round=rnd, evaluate=rnd, train=False)
+
     def task(self, worker: int) -> Task:
         return Task(
             steps=int(self.steps[worker]), time_limit=float(self.time_limit[worker]), mu=float(self.mu[worker]),
             capacity=float(self.capacity[worker]), balance=float(self.balance), weighting=self.weighting,
         )
+
+
+def eval_buffer(chunks: int) -> np.ndarray:
+    """A worker's evaluation result: row 0 is (wall seconds it took, 0), then one row
+    (correct predictions, loss sum) per test chunk of its share, in chunk order."""
+    return np.zeros((chunks + 1, 2), dtype=np.float64)
 
 
 def mask_bits(spec: ModelSpec) -> int:

@@ -10,14 +10,14 @@ import torch
 from torch.nn import functional as F
 
 from . import data as datamod
-from . import profiling, signals, supervisor, transport
+from . import evaluation, profiling, signals, supervisor, transport
 from .comm import Comm
 from .config import Config
 from .masking import keep_ratio, make_masks
-from .protocol import Plan, Task, mask_buffer, new_update, unpack_masks
+from .protocol import Plan, Task, eval_buffer, mask_buffer, new_update, unpack_masks
 from .models import MaskableCNN, ModelSpec
 from .aggregation import worker_weight
-from .submodel import build_submodel, flat_params, num_params
+from .submodel import build_submodel, flat_params, load_flat, num_params
 from .throttle import Throttle
 
 _DATA_STREAM = 0x64617461
@@ -87,6 +87,15 @@ class Worker:
         cursor = int((setup.get("cursors") or [0] * num_workers)[self.index])
         self.sampler = Sampler(len(self.y), cfg.train.batch_size, cfg.run.seed, self.index, cursor)
         self.flat = np.empty(num_params(spec), dtype=np.float32)
+        # this worker's share of the evaluation (evaluation.py): its test images only
+        self.eval_chunks = setup["eval_shares"][comm.rank]
+        start, stop = evaluation.image_range(setup["test_images"], self.eval_chunks)
+        self.x_test = self.y_test = self.eval_model = None
+        if stop > start:
+            test = datamod.load_test_data(d.name, setup["data_path"], d.test_samples, start, stop)
+            self.x_test = torch.from_numpy(datamod.normalize(test.images))
+            self.y_test = torch.from_numpy(test.labels.astype(np.int64))
+            self.eval_model = MaskableCNN(spec)
         self.inject_nan = parse_fault(os.environ.get("ELFISH_FAULT_NAN", ""))
         local = [r - 1 for r, h in enumerate(hosts) if r > 0 and h == hosts[comm.rank]]  # workers on this node
         self.throttle.attach(
@@ -121,6 +130,17 @@ class Worker:
                     samples[i].append(t.reported)
         times = [float(np.median(s)) for s in samples]
         return np.concatenate([times, macs, mem])
+
+    # -- evaluation ------------------------------------------------------------
+    def evaluate_share(self) -> np.ndarray:
+        """Evaluate the global model just received on this worker's test chunks (under its
+        throttle: a slow device evaluates slowly too); the :func:`protocol.eval_buffer`."""
+        t0 = time.perf_counter()
+        buf = eval_buffer(self.eval_chunks[1] - self.eval_chunks[0])
+        load_flat(self.eval_model, self.flat)
+        buf[1:], _ = self.throttle.run(evaluation.evaluate_chunks, self.eval_model, self.x_test, self.y_test)
+        buf[0, 0] = time.perf_counter() - t0
+        return buf
 
     # -- one round ----------------------------------------------------------------
     def train_round(self, rnd: int, kept: dict, task: Task) -> tuple[np.ndarray, np.ndarray]:
@@ -169,8 +189,13 @@ class Worker:
                 if plan.stop:
                     return
                 supervisor.note(f"in round {plan.round}")
-                self.comm.bcast_array(masks)
+                if plan.train:
+                    self.comm.bcast_array(masks)
                 self.comm.bcast_array(self.flat)
+                if plan.evaluate and self.eval_model is not None:
+                    self.comm.send_eval(self.evaluate_share())
+                if not plan.train:
+                    continue
                 task = plan.task(self.index)
                 if task.capacity != self.throttle.capacity:
                     self.throttle.set_capacity(task.capacity, capacities=list(plan.capacity))

@@ -176,13 +176,14 @@ def test_reduce_transport_trains_the_model_the_gather_transport_trains():
 
 def spy_on_round_steps(monkeypatch) -> list[str]:
     """What rank 0 does, in order: "plan R" (round R starts: its plan goes to the workers),
-    "evaluate" and "checkpoint R" (round R's file written)."""
+    "send R" (round R's model goes to the workers in an evaluation-only plan), "evaluate"
+    (rank 0 evaluates its share of the test set) and "checkpoint R" (round R's file written)."""
     events: list[str] = []
-    bcast_obj, evaluate, rotate = Comm.bcast_obj, aggregator.evaluate, checkpoint.rotate
+    bcast_obj, evaluate, rotate = Comm.bcast_obj, aggregator.evaluate_chunks, checkpoint.rotate
 
     def spy_bcast_obj(self, obj, *args, **kwargs):
         if getattr(obj, "round", 0) and not getattr(obj, "stop", False):  # a round's plan (not set-up, not stop)
-            events.append(f"plan {obj.round}")
+            events.append(f"plan {obj.round}" if obj.train else f"send {obj.evaluate}")
         return bcast_obj(self, obj, *args, **kwargs)
 
     def spy_evaluate(*args, **kwargs):
@@ -194,48 +195,65 @@ def spy_on_round_steps(monkeypatch) -> list[str]:
         return rotate(run_dir, ck, *args, **kwargs)
 
     monkeypatch.setattr(Comm, "bcast_obj", spy_bcast_obj)
-    monkeypatch.setattr(aggregator, "evaluate", spy_evaluate)
+    monkeypatch.setattr(aggregator, "evaluate_chunks", spy_evaluate)
     monkeypatch.setattr(checkpoint, "rotate", spy_rotate)
     return events
 
 
-def test_overlap_eval_off_evaluates_before_the_next_round_and_changes_no_result(monkeypatch):
-    # Prepare: one seed and fixed keep ratios (no timing enters the run)
+def test_where_and_when_the_model_is_evaluated_changes_no_result(monkeypatch):
+    # Prepare: one seed and fixed keep ratios (no timing enters the run); 300 test images are
+    # 3 chunks: with run.eval_on = all, rank 0 and the first two workers evaluate one each
     base = shared_dir()
     events = spy_on_round_steps(monkeypatch)
+    runs = {
+        "overlapped": ("run.overlap_eval=true", "run.eval_on=all"),
+        "in-line": ("run.overlap_eval=false", "run.eval_on=all"),
+        "rank 0 alone": ("run.overlap_eval=true", "run.eval_on=root"),
+    }
+    seen = {}
 
     # Execute
-    assert train(base / "overlapped", "--set", "run.overlap_eval=true", rounds=3) == 0
-    overlapped, events[:] = list(events), []
-    assert train(base / "in-line", "--set", "run.overlap_eval=false", rounds=3) == 0
-    in_line = list(events)
+    for name, (overlap, eval_on) in runs.items():
+        events[:] = []
+        assert train(base / name, "--set", overlap, "--set", eval_on, rounds=3) == 0
+        seen[name] = list(events)
 
     # Assert
     if WORLD.rank != 0:
         return
-    # On: round r is evaluated and written while the workers train round r + 1 (its plan sent);
-    # off: before round r + 1 starts. The last round is finished at once either way.
-    assert overlapped == ["plan 1", "plan 2", "evaluate", "checkpoint 1", "plan 3", "evaluate", "checkpoint 2",
-                          "evaluate", "checkpoint 3"]
-    assert in_line == ["plan 1", "evaluate", "checkpoint 1", "plan 2", "evaluate", "checkpoint 2",
-                       "plan 3", "evaluate", "checkpoint 3"]
+    # Overlapped: round r is evaluated and written while the workers train round r + 1 (its
+    # plan carried round r's model, which the workers evaluate first); in-line: before round
+    # r + 1 starts. The last round is finished at once either way; with eval_on = all its
+    # model goes to the workers in an evaluation-only plan.
+    assert seen["overlapped"] == ["plan 1", "plan 2", "evaluate", "checkpoint 1", "plan 3", "evaluate", "checkpoint 2",
+                                  "send 3", "evaluate", "checkpoint 3"]
+    assert seen["in-line"] == ["plan 1", "send 1", "evaluate", "checkpoint 1", "plan 2", "send 2", "evaluate",
+                               "checkpoint 2", "plan 3", "send 3", "evaluate", "checkpoint 3"]
+    assert seen["rank 0 alone"] == ["plan 1", "plan 2", "evaluate", "checkpoint 1", "plan 3", "evaluate",
+                                    "checkpoint 2", "evaluate", "checkpoint 3"]
     # Every round's checkpoint holds the same model, masks and results, bit for bit.
-    for r in (1, 2, 3):
-        name = f"checkpoints/round-{r:06d}.h5"
-        a, b = model_of(base / "overlapped" / name), model_of(base / "in-line" / name)
-        assert sorted(a) == sorted(b) == LENET_KEYS
-        for key in a:
-            assert a[key].tobytes() == b[key].tobytes(), f"round {r}: {key}"
-    with h5py.File(base / "overlapped" / "checkpoint.h5", "r") as fa, h5py.File(base / "in-line" / "checkpoint.h5", "r") as fb:
-        for name in ("test_accuracy", "test_loss", "train_loss", "updates_accepted"):
-            assert fa["metrics"][name].shape == (3,) and np.all(np.isfinite(fa["metrics"][name][()])), name
-            assert fa["metrics"][name][()].tobytes() == fb["metrics"][name][()].tobytes(), name
+    ref = base / "overlapped"
+    for other in ("in-line", "rank 0 alone"):
         for r in (1, 2, 3):
-            for w in range(WORKERS):
-                group = f"masks/round_{r:06d}/worker_{w:02d}"
-                for layer in ("conv1", "conv2", "fc1"):
-                    np.testing.assert_array_equal(fa[f"{group}/{layer}"][()], fb[f"{group}/{layer}"][()])
-        np.testing.assert_array_equal(fa["coverage/conv2"][()], fb["coverage/conv2"][()])
+            name = f"checkpoints/round-{r:06d}.h5"
+            a, b = model_of(ref / name), model_of(base / other / name)
+            assert sorted(a) == sorted(b) == LENET_KEYS
+            for key in a:
+                assert a[key].tobytes() == b[key].tobytes(), f"{other}, round {r}: {key}"
+        with h5py.File(ref / "checkpoint.h5", "r") as fa, h5py.File(base / other / "checkpoint.h5", "r") as fb:
+            for name in ("test_accuracy", "test_loss", "train_loss", "updates_accepted"):
+                assert fa["metrics"][name].shape == (3,) and np.all(np.isfinite(fa["metrics"][name][()])), name
+                assert fa["metrics"][name][()].tobytes() == fb["metrics"][name][()].tobytes(), f"{other}: {name}"
+            for r in (1, 2, 3):
+                for w in range(WORKERS):
+                    group = f"masks/round_{r:06d}/worker_{w:02d}"
+                    for layer in ("conv1", "conv2", "fc1"):
+                        np.testing.assert_array_equal(fa[f"{group}/{layer}"][()], fb[f"{group}/{layer}"][()])
+            np.testing.assert_array_equal(fa["coverage/conv2"][()], fb["coverage/conv2"][()])
+            # who evaluated: the workers that hold a chunk record their evaluation time
+            spread = fa["workers/eval_time"][()]
+            assert np.all(spread[:, :2] > 0) and np.all(spread[:, 2:] == 0), spread
+            assert np.all(fb["workers/eval_time"][()] == 0) if other == "rank 0 alone" else np.all(fb["workers/eval_time"][()][:, :2] > 0)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedavg-drop", "fedprox-partial", "heterofl", "fedrolex", "elfish", "elfish-naive"])

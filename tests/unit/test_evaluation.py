@@ -1,0 +1,53 @@
+"""evaluation.py: the test set in chunks that any rank can evaluate, with the same figures."""
+import numpy as np
+import pytest
+import torch
+
+from elfish_mpi.evaluation import CHUNK, combine, evaluate, evaluate_chunks, image_range, num_chunks, rank_shares, shares
+from elfish_mpi.models import MaskableCNN, lenet
+
+
+def test_shares_cover_every_chunk_once_in_proportion_to_capacity():
+    # Prepare / Execute: rank 0 counts as 1, then the quickstart fleet
+    got = shares(10_000, [1.0, 1.0, 1.0, 0.5, 0.25])
+    # Assert: contiguous, in rank order, all 100 chunks, proportional within one chunk
+    assert got[0][0] == 0 and got[-1][1] == num_chunks(10_000) == 100
+    assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
+    counts = np.array([b - a for a, b in got])
+    np.testing.assert_allclose(counts, 100 * np.array([1, 1, 1, 0.5, 0.25]) / 3.75, atol=1)
+
+
+def test_a_rank_of_weight_zero_gets_nothing_and_root_takes_all():
+    assert shares(1000, [1.0, 0.0, 1.0])[1] == (5, 5)
+    assert rank_shares(1050, "root", [1.0, 0.5]) == [(0, 11), (11, 11), (11, 11)]
+    assert image_range(1050, (10, 11)) == (1000, 1050)  # the last chunk is short
+
+
+@pytest.mark.parametrize("weights", [[], [0.0, 0.0], [1.0, -1.0], [1.0, float("nan")]])
+def test_shares_refuse_weights_that_split_nothing(weights):
+    with pytest.raises(ValueError, match="evaluation weights"):
+        shares(100, weights)
+
+
+def test_any_split_of_the_chunks_gives_the_same_figures_bit_for_bit():
+    # Prepare: a LeNet and 7.3 chunks of images
+    torch.manual_seed(0)
+    model = MaskableCNN(lenet())
+    n = 7 * CHUNK + 30
+    x = torch.randn(n, 1, 28, 28)
+    y = torch.randint(0, 10, (n,))
+    whole = evaluate(model, x, y)
+    # Execute: the chunks evaluated by three "ranks" of unequal shares
+    for split in ([1.0, 1.0, 1.0], [1.0, 0.25, 3.0], [0.0, 1.0, 0.0]):
+        per_chunk = np.zeros((num_chunks(n), 2))
+        for chunk_range in shares(n, split):
+            a, b = image_range(n, chunk_range)
+            per_chunk[chunk_range[0] : chunk_range[1]] = evaluate_chunks(model, x[a:b], y[a:b])
+        # Assert
+        assert combine(per_chunk, n) == whole, split
+    assert 0.0 <= whole[0] <= 1.0 and whole[1] > 0
+
+
+def test_combine_refuses_results_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="3 chunks"):
+        combine(np.zeros((2, 2)), 250)

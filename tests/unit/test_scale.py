@@ -1,0 +1,47 @@
+"""A job of nine ranks (eight workers) on two cores: it runs, every rank holding a share of
+the test set evaluates it, and the figures rank 0 records are those of the whole test set."""
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from elfish_mpi import data as datamod
+from elfish_mpi.evaluation import CHUNK, evaluate, rank_shares
+from elfish_mpi.models import MaskableCNN, lenet
+from elfish_mpi.submodel import flat_from_state_dict, load_flat
+
+from test_cli_job import SAMPLE, launch, tiny
+
+TEST_IMAGES = 1000  # 10 chunks over 9 ranks
+
+
+@pytest.mark.timeout(300)
+def test_nine_ranks_share_the_evaluation_and_record_the_whole_test_sets_figures(tmp_path):
+    # Prepare: the virtual clock (no sleeping), the quickstart fleet over 8 workers
+    out = tmp_path / "run"
+    capacities = [1.0, 1.0, 0.5, 0.25] * 2
+    # Execute
+    res = launch(
+        9, *tiny(out, 2), "--set", f"data.test_samples={TEST_IMAGES}", "--set", "workers.throttle=virtual",
+        "--set", f"workers.capacity={capacities}", "--set", "run.eval_on=all", "--set", "strategy.profile_steps=1",
+    )
+    # Assert
+    assert res.returncode == 0, res.stderr
+    shares = rank_shares(TEST_IMAGES, "all", capacities)
+    holders = [w for w in range(8) if shares[w + 1][1] > shares[w + 1][0]]
+    assert sum(b - a for a, b in shares) * CHUNK == TEST_IMAGES and len(holders) >= 6, shares
+    with h5py.File(out / "checkpoint.h5", "r") as f:
+        assert int(f.attrs["num_workers"]) == 8
+        eval_time = f["workers/eval_time"][()]
+        recorded = f["metrics/test_accuracy"][-1], f["metrics/test_loss"][-1]
+        state = {k: f["model"][k][()] for k in f["model"]}
+    for w in range(8):  # the workers with a share evaluated it every round, the others did not
+        assert np.all(eval_time[:, w] > 0) == (w in holders) and np.all(eval_time[:, w] >= 0), (w, eval_time)
+    # the final model, evaluated here in one process on the same images: the same figures, bit for bit
+    spec = lenet()
+    model = MaskableCNN(spec)
+    load_flat(model, flat_from_state_dict(spec, state))
+    test = datamod.load_test_data("fashion-mnist", str(SAMPLE), TEST_IMAGES)
+    torch.set_num_threads(1)
+    here = evaluate(model, torch.from_numpy(datamod.normalize(test.images)), torch.from_numpy(test.labels))
+    assert here == recorded, (here, recorded)
