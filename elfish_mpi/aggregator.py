@@ -13,7 +13,7 @@ import torch
 
 from . import checkpoint as ckptmod
 from . import profiling, signals, supervisor
-from .evaluation import combine, evaluate_chunks, num_chunks
+from .evaluation import EvalSplit, combine, evaluate_chunks, image_range, num_chunks
 from .comm import Comm, RankFailure, RoundTimeout
 from .fleet import load_trace
 from .config import Config
@@ -23,7 +23,7 @@ from .planner import Planner
 from .strategies import make_strategy
 from .transport import receive
 from .submodel import flat_from_state_dict, flat_params, load_flat, param_index, state_dict_from_flat
-from .protocol import Plan, eval_buffer, pack_masks
+from .protocol import Plan, eval_buffer, pack_masks, peak_memory
 
 STOP_BCAST = "the broadcast that ends the run (a worker rank stopped answering)"
 MASKS_BCAST = "the broadcast of the round's masks (a worker rank stopped answering)"
@@ -36,10 +36,10 @@ class Aggregator:
         self.num_workers = comm.size - 1
         self.setup = setup
         self.out = Path(cfg.run.out)
-        self.x_test, self.y_test = test  # rank 0's share of the test set (evaluation.py)
-        self.test_images = int(setup["test_images"])
-        self.eval_shares = [tuple(r) for r in setup["eval_shares"]]
-        self.eval_workers = [w for w in range(self.num_workers) if self.eval_shares[w + 1][1] > self.eval_shares[w + 1][0]]
+        self.x_test, self.y_test = test
+        self.test_images = len(self.y_test)
+        self.eval_split = EvalSplit(num_chunks(self.test_images), cfg.run.eval_on)  # who evaluates what (evaluation.py)
+        self.eval_plan: tuple[int, tuple] | None = None  # (rank 0's chunks, the workers' ranges) sent with a plan
         self.strategy = make_strategy(cfg, spec, self.num_workers)
         self.start_capacity = cfg.capacities(self.num_workers)
         self.trace = load_trace(cfg.workers.trace, self.num_workers) if cfg.workers.trace else None
@@ -75,7 +75,7 @@ class Aggregator:
 
     # -- profiles and planning ---------------------------------------------------------
     def gather_profiles(self) -> None:
-        configs = profiling.configurations(self.spec)
+        configs = profiling.configurations(self.spec, self.cfg.strategy.profile)
         rows = self.comm.gather_rows(np.zeros(3 * len(configs)))[1:]
         c = len(configs)
         self.profiles = {
@@ -132,7 +132,7 @@ class Aggregator:
             plan = Plan(
                 round=rnd, steps=tuple(a.steps for a in assignments), time_limit=tuple(a.time_limit for a in assignments),
                 mu=tuple(a.mu for a in assignments), capacity=tuple(capacity), balance=self.strategy.balance,
-                weighting=self.strategy.weighting, evaluate=self.workers_evaluate(),
+                weighting=self.strategy.weighting, **self.workers_evaluate(capacity),
             )
             try:
                 self.comm.bcast_obj(plan, timeout=cfg.run.round_timeout)
@@ -157,6 +157,7 @@ class Aggregator:
                     for name, kept in masks[w].items():
                         self.coverage[name][kept] += 1
             self.cursors = stats["cursor"].astype(np.int64)
+            self.eval_split.observe_training(float(stats["busy_time"].max()))
             # 5. record; evaluate, report and checkpoint now, or while the workers train the next round
             keep = [keep_ratio(spec, m) for m in masks]
             self.record(rnd, round_time, stats, keep, masks, capacity, accepted, time.perf_counter() - t_run)
@@ -180,36 +181,49 @@ class Aggregator:
         """Whether round ``rnd``'s model is evaluated (by the round number alone: never timing)."""
         return rnd % self.cfg.run.eval_every == 0 or rnd == self.cfg.run.rounds
 
-    def workers_evaluate(self) -> int:
-        """The round whose model the workers evaluate with the next broadcast (0: none): the
-        pending round, when it is due and workers hold a share of the test set."""
-        if self.pending is None or not self.eval_workers or not self.due(self.pending[0]):
-            return 0
-        return self.pending[0]
+    def workers_evaluate(self, capacity) -> dict:
+        """The plan's evaluation fields: the pending round and each worker's test chunks, when
+        that round is due and the workers take part (rank 0 evaluates the rest meanwhile)."""
+        self.eval_plan = None
+        if self.pending is None or not self.due(self.pending[0]):
+            return {}
+        k0, ranges = self.eval_split.split(capacity, overlapped=True)
+        if k0 == self.eval_split.k:
+            return {}
+        self.eval_plan = (k0, ranges)
+        return {"evaluate": self.pending[0], "eval_chunks": ranges}
 
     def evaluate(self, rnd: int, broadcast: bool) -> None:
-        """Round ``rnd``'s accuracy and loss, from every rank's share of the test chunks (rank
-        0's here, the workers' as they send them). With ``broadcast``, the model first goes to
-        the workers in an evaluation-only plan; otherwise it went with the next round's plan."""
+        """Round ``rnd``'s accuracy and loss, from every rank's test chunks: rank 0's here, the
+        workers' as they send them. With ``broadcast``, the model first goes to the workers in an
+        evaluation-only plan (when they take part); otherwise it went with the next round's plan."""
         cfg = self.cfg
         t_eval = time.perf_counter()
-        if broadcast and self.eval_workers:
-            self.comm.bcast_obj(Plan.evaluate_only(rnd), timeout=cfg.run.round_timeout, what=EVAL_BCAST)
-            self.comm.bcast_array(self.flat, cfg.run.round_timeout, what=EVAL_BCAST)
-        per_chunk = np.zeros((num_chunks(self.test_images), 2), dtype=np.float64)
-        first, stop = self.eval_shares[0]
-        if stop > first:
+        if broadcast:
+            capacity = self.workers["capacity"][-1]
+            k0, ranges = self.eval_split.split(capacity, overlapped=False)
+            if k0 < self.eval_split.k:
+                self.comm.bcast_obj(Plan.evaluate_only(rnd, ranges), timeout=cfg.run.round_timeout, what=EVAL_BCAST)
+                self.comm.bcast_array(self.flat, cfg.run.round_timeout, what=EVAL_BCAST)
+        else:
+            k0, ranges = self.eval_plan if self.eval_plan is not None else (self.eval_split.k, ())
+        per_chunk = np.zeros((self.eval_split.k, 2), dtype=np.float64)
+        t_root = time.perf_counter()
+        if k0 > 0:
+            a, b = image_range(self.test_images, (0, k0))
             load_flat(self.model, self.flat)
-            per_chunk[first:stop] = evaluate_chunks(self.model, self.x_test, self.y_test)
-        bufs = {w: eval_buffer(self.eval_shares[w + 1][1] - self.eval_shares[w + 1][0]) for w in self.eval_workers}
+            per_chunk[:k0] = evaluate_chunks(self.model, self.x_test[a:b], self.y_test[a:b])
+        t_root = time.perf_counter() - t_root
+        bufs = {w: eval_buffer(r[1] - r[0]) for w, r in enumerate(ranges) if r[1] > r[0]}
         self.comm.recv_evals(bufs, cfg.run.round_timeout)
         for w, buf in bufs.items():
-            first, stop = self.eval_shares[w + 1]
-            per_chunk[first:stop] = buf[1:]
+            per_chunk[ranges[w][0] : ranges[w][1]] = buf[1:]
             self.workers["eval_time"][-1][w] = float(buf[0, 0])
+        self.eval_split.observe(k0, t_root, self.eval_split.k - k0, max((float(b[0, 0]) for b in bufs.values()), default=0.0))
         acc, loss = combine(per_chunk, self.test_images)
         self.metrics["test_accuracy"][-1], self.metrics["test_loss"][-1] = acc, loss
         self.metrics["eval_time"][-1] = time.perf_counter() - t_eval
+        self.metrics["eval_root_share"][-1] = k0 / self.eval_split.k
 
     def finish_round(self, broadcast: bool = True) -> None:
         """Evaluate the model of the pending round (if due), report it and checkpoint it (if
@@ -279,7 +293,9 @@ class Aggregator:
             "train_loss": float(np.average(stats["train_loss"], weights=stats["num_samples"])),
             "updates_accepted": int(accepted.sum()),
             "eval_time": 0.0,
+            "eval_root_share": 0.0,
             "checkpoint_time": 0.0,
+            "peak_memory": peak_memory(),
         }
         done = len(self.metrics.get("round", []))  # rounds recorded before (a key new since then: NaN there)
         for k, v in row.items():
@@ -300,6 +316,7 @@ class Aggregator:
             "dropped": stats["late"],
             "rejected": 1.0 - stats["finite"],
             "eval_time": np.zeros(self.num_workers),  # filled in where evaluated (its share of the test set)
+            "peak_memory": stats["peak_memory"],
         }
         widths = self.spec.full_widths()
         for name in self.spec.maskable:  # the share kept (keep counts round up), not the ratio asked for

@@ -129,6 +129,8 @@ UNITS = {
     "checkpoint_time": "s",
     "wall_clock": "s",
     "step_time": "s",
+    "peak_memory": "bytes",
+    "bytes_sent": "bytes",
     "test_accuracy": "fraction 0..1",
     "keep_ratio": "fraction 0..1",
 }

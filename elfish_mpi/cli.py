@@ -165,7 +165,6 @@ def prepare(args, num_workers: int) -> dict:
     """Rank 0's checks before any work. Raises ConfigError/DataError/CheckpointError/UsageError."""
     from . import checkpoint as ckptmod
     from . import data as datamod
-    from .evaluation import rank_shares
     from .models import get_spec
     from .strategies import make_strategy
 
@@ -266,8 +265,6 @@ def prepare(args, num_workers: int) -> dict:
         "num_classes": test.num_classes,
         "in_shape": in_shape,
         "test_images": len(test.labels),
-        # every rank's share of the evaluation, rank 0 first (evaluation.py)
-        "eval_shares": rank_shares(len(test.labels), cfg.run.eval_on, cfg.capacities(num_workers)),
         "resume": ckpt is not None,
         # a strategy that does not plan (fedavg, elfish with fixed keep ratios) does not profile
         "profile": ckpt is None and make_strategy(cfg, spec, num_workers).needs_planner,
@@ -295,7 +292,7 @@ def check_resume_state(ckpt, spec, cfg: Config, num_workers: int, path) -> None:
         if cov is None or cov.shape != (layer.out,):
             problems.append(f"/coverage/{layer.name} must have shape ({layer.out},)")
     if make_strategy(cfg, spec, num_workers).needs_planner:
-        configs = len(configurations(spec))
+        configs = len(configurations(spec, cfg.strategy.profile))
         for name in ("step_time", "macs"):
             arr = ckpt.profiles.get(name)
             if arr is None or arr.shape != (num_workers, configs):
@@ -353,7 +350,6 @@ def run_job(comm, setup: dict) -> int:
 
     from . import data as datamod
     from .aggregator import Aggregator
-    from .evaluation import image_range
     from .models import get_spec
     from .worker import Worker
 
@@ -367,11 +363,10 @@ def run_job(comm, setup: dict) -> int:
     hosts = comm.allgather_obj(socket.gethostname())
     role, error = None, None
     try:
-        if comm.rank == 0:  # rank 0 keeps its share of the test set only
-            start, stop = image_range(setup["test_images"], setup["eval_shares"][0])
+        if comm.rank == 0:
             test = setup.pop("_test")
-            x = torch.from_numpy(datamod.normalize(test.images[start:stop]))
-            y = torch.from_numpy(test.labels[start:stop].astype("int64"))
+            x = torch.from_numpy(datamod.normalize(test.images))
+            y = torch.from_numpy(test.labels.astype("int64"))
             del test
             role = Aggregator(comm, cfg, spec, dict(setup, resume_ckpt=setup["_ckpt"]), (x, y))
         else:

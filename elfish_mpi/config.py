@@ -53,6 +53,7 @@ def _number(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False
 
 
 EVAL_ON = ("all", "root")
+PROFILE_KINDS = ("layers", "quick")  # profiling.PROFILES
 
 
 @dataclass(kw_only=True)
@@ -262,6 +263,12 @@ class StrategyConfig:
     )
     mu: float = _doc("Proximal coefficient of fedprox-partial: the local loss gains mu/2 * ||w - w_global||^2.", 0.01)
     profile_steps: int = _doc("Training steps timed per keep-ratio configuration at start-up.", 3)
+    profile: str = _doc(
+        "What workers profile at start-up: layers (the whole model at keep 1, 0.75, 0.5, 0.25 and each "
+        "maskable layer alone at 0.5, two timing passes) or quick (the whole model at 1 and 0.25, one "
+        "pass: the two points of the affine cost model, for many ranks on few cores; the rounds refine it).",
+        "layers",
+    )
     transport: str = _doc("How updates reach rank 0: gather (each worker sends only its kept values) or reduce (an MPI sum of dense weighted updates and coverage).", "gather")
 
     def __post_init__(self) -> None:
@@ -281,6 +288,7 @@ class StrategyConfig:
         if not isinstance(self.replan, bool):
             raise ConfigError(f"strategy.replan = {self.replan!r} must be true or false")
         _positive_int("strategy.profile_steps", self.profile_steps)
+        _choice("strategy.profile", self.profile, PROFILE_KINDS)
         _number("strategy.mu", self.mu, 0.0, 1e3)
         _choice("strategy.transport", self.transport, TRANSPORTS)
 

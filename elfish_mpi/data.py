@@ -221,10 +221,37 @@ def _idx_header(f, path: pathlib.Path) -> tuple[int, tuple[int, ...]]:
     return magic, dims
 
 
-def read_idx(path: str | os.PathLike, expect_magic: int | None = None, header_only: bool = False):
+def _read_rows(f, dims: tuple[int, ...], rows, path: pathlib.Path) -> np.ndarray:
+    """Only ``rows`` (first-axis indices, any order) of an IDX body, read in blocks of about
+    4 MiB: memory is the rows kept plus one block, not the whole file."""
+    rows = np.asarray(rows, dtype=np.int64).ravel()
+    if rows.size and (rows.min() < 0 or rows.max() >= dims[0]):
+        raise DataError(f"{path}: rows {rows.min()}..{rows.max()} asked of a file of {dims[0]}")
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    row_bytes = int(np.prod(dims[1:], dtype=np.int64))
+    out = np.empty((rows.size,) + tuple(dims[1:]), dtype=np.uint8)
+    block = np.empty((max(1, (4 << 20) // max(row_bytes, 1)),) + tuple(dims[1:]), dtype=np.uint8)
+    done = 0
+    for start in range(0, dims[0], block.shape[0]):
+        n = min(block.shape[0], dims[0] - start)
+        got = _readinto_exact(f, block[:n])
+        if got < n * row_bytes:
+            raise DataError(
+                f"{path}: truncated IDX file: header says {dims[0] * row_bytes} data bytes {dims}, "
+                f"found {start * row_bytes + got}"
+            )
+        stop = int(np.searchsorted(wanted, start + n))
+        out[order[done:stop]] = block[wanted[done:stop] - start]
+        done = stop
+    return out
+
+
+def read_idx(path: str | os.PathLike, expect_magic: int | None = None, header_only: bool = False, rows=None):
     """Read an IDX file (gzip'ed or raw) into a uint8 array shaped like its header.
 
-    With ``header_only`` return ``(magic, dims)`` without reading the data.
+    With ``header_only`` return ``(magic, dims)`` without reading the data; with ``rows``
+    only those first-axis entries (in the order given), never holding the whole file.
     Any problem raises DataError naming the file.
     """
     path = pathlib.Path(path)
@@ -237,6 +264,11 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None, header_on
                 )
             if header_only:
                 return magic, dims
+            if rows is not None:
+                out = _read_rows(f, dims, rows, path)
+                if f.read(1):
+                    raise DataError(f"{path}: IDX file is longer than its header says {dims}")
+                return out
             size = int(np.prod(dims, dtype=np.int64))
             out = np.empty(dims, dtype=np.uint8)
             got = _readinto_exact(f, out)
@@ -344,12 +376,11 @@ def _idx_source(root: pathlib.Path, split: str, num_classes: int) -> _Source:
         )
     labels = _check_labels(labels, num_classes, str(lab_path))
 
-    def fetch(idx):
-        imgs = read_idx(img_path, _IDX_IMAGES_MAGIC)
-        if imgs.shape != dims:
+    def fetch(idx):  # a worker's part: only its rows are ever held
+        imgs = read_idx(img_path, _IDX_IMAGES_MAGIC, rows=idx)
+        if imgs.shape[1:] != dims[1:] or (idx is None and imgs.shape != dims):
             raise DataError(f"{img_path}: changed while reading")
-        out = _subset(imgs, idx)[:, None, :, :]
-        return np.ascontiguousarray(out)
+        return np.ascontiguousarray(imgs[:, None, :, :])
 
     return _Source(labels, None, num_classes, fetch, str(img_path))
 

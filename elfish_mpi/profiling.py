@@ -1,8 +1,12 @@
 """Profiles and the cost model. Pure: measuring happens at the worker's edge (worker.py).
 
 A profile is measured at a fixed list of *configurations*, each a keep ratio per maskable
-layer: the whole model at 1, 0.75, 0.5 and 0.25, and then each maskable layer alone at 0.5
-(the others full), which tells how much each layer's neurons cost on that worker.
+layer (``strategy.profile``): ``layers``, the whole model at 1, 0.75, 0.5 and 0.25, and then
+each maskable layer alone at 0.5 (the others full), which tells how much each layer's
+neurons cost on that worker, in two timing passes; or ``quick``, the whole model at 1 and
+0.25 in one pass: the two points the affine cost model below needs, for jobs of many ranks
+on few cores, where every step of profiling is slow (the rounds then refine each worker's
+model, planner.observe).
 
 For every configuration a worker reports its time per training step (in its planning
 clock), the MACs of a training step's forward pass, and an estimate of the memory the step
@@ -19,13 +23,23 @@ from .masking import keep_count
 from .models import ModelSpec
 
 UNIFORM_RATIOS = (1.0, 0.75, 0.5, 0.25)
+QUICK_RATIOS = (1.0, 0.25)
 LAYER_RATIO = 0.5
-PASSES = 2  # timing passes over the configurations (median over all samples)
+PROFILES = ("layers", "quick")
 
 
-def configurations(spec: ModelSpec) -> np.ndarray:
+def passes(kind: str = "layers") -> int:
+    """Timing passes over the configurations (the median over all samples is kept)."""
+    return 2 if kind == "layers" else 1
+
+
+def configurations(spec: ModelSpec, kind: str = "layers") -> np.ndarray:
     """(configs, maskable layers) keep ratios that every worker profiles."""
+    if kind not in PROFILES:
+        raise ValueError(f"unknown profile {kind!r}; choose one of: {', '.join(PROFILES)}")
     names = spec.maskable
+    if kind == "quick":
+        return np.asarray([[r] * len(names) for r in QUICK_RATIOS], dtype=np.float64)
     rows = [[r] * len(names) for r in UNIFORM_RATIOS]
     for i in range(len(names)):
         row = [1.0] * len(names)

@@ -6,9 +6,9 @@ Declared once here and imported by both sides (aggregator.py, worker.py, perf.py
 2. if the plan does not say stop: when it trains, the round's masks as one packed bit buffer
    (``Bcast`` of ``uint8``, :func:`pack_masks`: one row per worker, one bit per maskable
    neuron, layers in the model's order); then the global model (``Bcast`` of float32);
-3. when the plan says ``evaluate`` (the round whose model that broadcast is, under
-   ``run.eval_on = "all"``), each worker with a share of the test set evaluates it first and
-   sends its :func:`eval_buffer` (evaluation.py's chunk results) to rank 0;
+3. when the plan says ``evaluate`` (the round whose model that broadcast is), each worker
+   given test chunks in ``eval_chunks`` evaluates them first and sends its
+   :func:`eval_buffer` (evaluation.py's chunk results) to rank 0;
 4. when it trains, each worker sends back one :data:`UPDATE` record (a numpy structured
    dtype of float64 fields, sent as its raw buffer) and its update (transport.py).
 
@@ -37,7 +37,15 @@ UPDATE = np.dtype([
     ("late", "f8"),  # 1: stopped at the round's time limit (the update is dropped)
     ("finite", "f8"),  # 1: every value of the update is finite
     ("signal", "f8"),  # 1: this rank received a stop signal (SIGTERM / SIGUSR1)
+    ("peak_memory", "f8"),  # bytes: the most resident memory this rank has held so far
 ])
+
+
+def peak_memory() -> float:
+    """Bytes: the most resident memory this process has held so far (Linux ru_maxrss, KiB)."""
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
 UPDATE_FIELDS = len(UPDATE.names)
 
 
@@ -84,6 +92,7 @@ class Plan:
     balance: float = 0.0
     weighting: str = "samples"
     evaluate: int = 0  # the round whose model is broadcast, when the workers evaluate it (0: no)
+    eval_chunks: tuple[tuple[int, int], ...] = ()  # each worker's test chunks (first, stop) to evaluate
     train: bool = True  # false: the workers only evaluate
     stop: bool = False
 
@@ -92,8 +101,8 @@ class Plan:
         return cls(round=0, stop=True)
 
     @classmethod
-    def evaluate_only(cls, rnd: int) -> "Plan":
-        return cls(round=rnd, evaluate=rnd, train=False)
+    def evaluate_only(cls, rnd: int, eval_chunks: tuple[tuple[int, int], ...]) -> "Plan":
+        return cls(round=rnd, evaluate=rnd, eval_chunks=eval_chunks, train=False)
 
     def task(self, worker: int) -> Task:
         return Task(

@@ -14,7 +14,7 @@ from . import evaluation, profiling, signals, supervisor, transport
 from .comm import Comm
 from .config import Config
 from .masking import keep_ratio, make_masks
-from .protocol import Plan, Task, eval_buffer, mask_buffer, new_update, unpack_masks
+from .protocol import Plan, Task, eval_buffer, mask_buffer, new_update, peak_memory, unpack_masks
 from .models import MaskableCNN, ModelSpec
 from .aggregation import worker_weight
 from .submodel import build_submodel, flat_params, load_flat, num_params
@@ -87,14 +87,10 @@ class Worker:
         cursor = int((setup.get("cursors") or [0] * num_workers)[self.index])
         self.sampler = Sampler(len(self.y), cfg.train.batch_size, cfg.run.seed, self.index, cursor)
         self.flat = np.empty(num_params(spec), dtype=np.float32)
-        # this worker's share of the evaluation (evaluation.py): its test images only
-        self.eval_chunks = setup["eval_shares"][comm.rank]
-        start, stop = evaluation.image_range(setup["test_images"], self.eval_chunks)
-        self.x_test = self.y_test = self.eval_model = None
-        if stop > start:
-            test = datamod.load_test_data(d.name, setup["data_path"], d.test_samples, start, stop)
-            self.x_test = torch.from_numpy(datamod.normalize(test.images))
-            self.y_test = torch.from_numpy(test.labels.astype(np.int64))
+        # the test set, for the chunks of it rank 0 asks this worker to evaluate (evaluation.py)
+        self.test = self.eval_model = None
+        if cfg.run.eval_on == "all":
+            self.test = datamod.load_test_data(d.name, setup["data_path"], d.test_samples)
             self.eval_model = MaskableCNN(spec)
         self.inject_nan = parse_fault(os.environ.get("ELFISH_FAULT_NAN", ""))
         local = [r - 1 for r, h in enumerate(hosts) if r > 0 and h == hosts[comm.rank]]  # workers on this node
@@ -106,7 +102,8 @@ class Worker:
     # -- profiling -------------------------------------------------------------
     def profile(self) -> np.ndarray:
         """Time training steps at every profiling configuration under this worker's throttle."""
-        configs = profiling.configurations(self.spec)
+        kind = self.cfg.strategy.profile
+        configs = profiling.configurations(self.spec, kind)
         torch.manual_seed(self.cfg.run.seed)
         base = flat_params(MaskableCNN(self.spec))
         probe = Sampler(len(self.y), self.cfg.train.batch_size, self.cfg.run.seed + 1, self.index)
@@ -118,9 +115,9 @@ class Worker:
             models.append((model, torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr)))
             macs.append(float(self.spec.macs(model.widths)))
             mem.append(profiling.memory_bytes(self.spec, ratios, self.cfg.train.batch_size))
-        # Two passes over all configurations, so that a burst of load on the machine
+        # (layers:) two passes over all configurations, so that a burst of load on the machine
         # spreads over them instead of falling on one; a warm-up step before each timing.
-        for _ in range(profiling.PASSES):
+        for _ in range(profiling.passes(kind)):
             for i, (model, opt) in enumerate(models):
                 idx = probe.next()
                 train_step(model, opt, self.x[idx], self.y[idx])
@@ -132,13 +129,16 @@ class Worker:
         return np.concatenate([times, macs, mem])
 
     # -- evaluation ------------------------------------------------------------
-    def evaluate_share(self) -> np.ndarray:
-        """Evaluate the global model just received on this worker's test chunks (under its
+    def evaluate_share(self, chunks: tuple[int, int]) -> np.ndarray:
+        """Evaluate the global model just received on the test ``chunks`` (under this worker's
         throttle: a slow device evaluates slowly too); the :func:`protocol.eval_buffer`."""
         t0 = time.perf_counter()
-        buf = eval_buffer(self.eval_chunks[1] - self.eval_chunks[0])
+        buf = eval_buffer(chunks[1] - chunks[0])
+        a, b = evaluation.image_range(len(self.test.labels), chunks)
+        x = torch.from_numpy(datamod.normalize(self.test.images[a:b]))
+        y = torch.from_numpy(self.test.labels[a:b].astype(np.int64))
         load_flat(self.eval_model, self.flat)
-        buf[1:], _ = self.throttle.run(evaluation.evaluate_chunks, self.eval_model, self.x_test, self.y_test)
+        buf[1:], _ = self.throttle.run(evaluation.evaluate_chunks, self.eval_model, x, y)
         buf[0, 0] = time.perf_counter() - t0
         return buf
 
@@ -173,7 +173,7 @@ class Worker:
             step_time=reported / max(steps, 1), virtual_time=virtual, num_samples=len(self.y),
             train_loss=loss_sum / max(steps, 1), steps=steps, cursor=self.sampler.cursor, weight=weight,
             late=float(late), finite=float(finite), signal=float(signals.requested() is not None),
-            bytes_sent=data.nbytes, busy_time=time.perf_counter() - t_start,
+            bytes_sent=data.nbytes, busy_time=time.perf_counter() - t_start, peak_memory=peak_memory(),
         )
         return record, data
 
@@ -192,8 +192,9 @@ class Worker:
                 if plan.train:
                     self.comm.bcast_array(masks)
                 self.comm.bcast_array(self.flat)
-                if plan.evaluate and self.eval_model is not None:
-                    self.comm.send_eval(self.evaluate_share())
+                chunks = plan.eval_chunks[self.index] if plan.evaluate else (0, 0)
+                if chunks[1] > chunks[0]:
+                    self.comm.send_eval(self.evaluate_share(chunks))
                 if not plan.train:
                     continue
                 task = plan.task(self.index)

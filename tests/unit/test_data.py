@@ -594,3 +594,22 @@ def test_module_is_pure():
 
     # Assert: no MPI, no torch, Pillow only when a JPEG is decoded
     assert out.stdout.startswith("[] ('fashion-mnist'")
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_idx_rows_are_those_of_the_whole_file_without_holding_it(tmp_path, suffix):
+    # Prepare: 3,000 images of 40x40 (4.8 MB: more than one 4 MiB block), every pixel its row
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3000, 40, 40), dtype=np.uint8)
+    path = tmp_path / f"imgs{suffix}"
+    data.write_idx(path, images)
+    rows = np.array([2999, 0, 1500, 1500, 2621, 7])  # any order, repeats, both sides of a block edge
+    # Execute / Assert
+    np.testing.assert_array_equal(data.read_idx(path, rows=rows), images[rows])
+    assert data.read_idx(path, rows=np.array([], dtype=np.int64)).shape == (0, 40, 40)
+    with pytest.raises(DataError, match="rows 0..3000 asked of a file of 3000"):
+        data.read_idx(path, rows=np.array([0, 3000]))
+    cut = tmp_path / "cut"
+    cut.write_bytes((tmp_path / "imgs").read_bytes()[:-100] if suffix == "" else gzip.decompress(path.read_bytes())[:-100])
+    with pytest.raises(DataError, match="truncated"):
+        data.read_idx(cut, rows=rows)

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from elfish_mpi.evaluation import CHUNK, combine, evaluate, evaluate_chunks, image_range, num_chunks, rank_shares, shares
+from elfish_mpi.evaluation import CHUNK, EvalSplit, combine, evaluate, evaluate_chunks, image_range, num_chunks, shares
 from elfish_mpi.models import MaskableCNN, lenet
 
 
 def test_shares_cover_every_chunk_once_in_proportion_to_capacity():
     # Prepare / Execute: rank 0 counts as 1, then the quickstart fleet
-    got = shares(10_000, [1.0, 1.0, 1.0, 0.5, 0.25])
+    got = shares(num_chunks(10_000), [1.0, 1.0, 1.0, 0.5, 0.25])
     # Assert: contiguous, in rank order, all 100 chunks, proportional within one chunk
     assert got[0][0] == 0 and got[-1][1] == num_chunks(10_000) == 100
     assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
@@ -18,15 +18,15 @@ def test_shares_cover_every_chunk_once_in_proportion_to_capacity():
 
 
 def test_a_rank_of_weight_zero_gets_nothing_and_root_takes_all():
-    assert shares(1000, [1.0, 0.0, 1.0])[1] == (5, 5)
-    assert rank_shares(1050, "root", [1.0, 0.5]) == [(0, 11), (11, 11), (11, 11)]
+    assert shares(10, [1.0, 0.0, 1.0])[1] == (5, 5)
+    assert EvalSplit(11, "root").split([1.0, 0.5], overlapped=True) == (11, ((11, 11), (11, 11)))
     assert image_range(1050, (10, 11)) == (1000, 1050)  # the last chunk is short
 
 
 @pytest.mark.parametrize("weights", [[], [0.0, 0.0], [1.0, -1.0], [1.0, float("nan")]])
 def test_shares_refuse_weights_that_split_nothing(weights):
     with pytest.raises(ValueError, match="evaluation weights"):
-        shares(100, weights)
+        shares(10, weights)
 
 
 def test_any_split_of_the_chunks_gives_the_same_figures_bit_for_bit():
@@ -40,7 +40,7 @@ def test_any_split_of_the_chunks_gives_the_same_figures_bit_for_bit():
     # Execute: the chunks evaluated by three "ranks" of unequal shares
     for split in ([1.0, 1.0, 1.0], [1.0, 0.25, 3.0], [0.0, 1.0, 0.0]):
         per_chunk = np.zeros((num_chunks(n), 2))
-        for chunk_range in shares(n, split):
+        for chunk_range in shares(num_chunks(n), split):
             a, b = image_range(n, chunk_range)
             per_chunk[chunk_range[0] : chunk_range[1]] = evaluate_chunks(model, x[a:b], y[a:b])
         # Assert
@@ -51,3 +51,23 @@ def test_any_split_of_the_chunks_gives_the_same_figures_bit_for_bit():
 def test_combine_refuses_results_of_the_wrong_shape():
     with pytest.raises(ValueError, match="3 chunks"):
         combine(np.zeros((2, 2)), 250)
+
+
+def test_the_split_gives_rank_0_what_it_can_do_while_the_workers_evaluate_and_train():
+    # Prepare: 100 chunks, rank 0 at 10 ms a chunk, the workers' part at 20 ms a chunk
+    split = EvalSplit(100, "all")
+    caps = [1.0, 1.0, 0.5, 0.25]
+    # Execute / Assert: the first split is by capacity, rank 0 counting as 1 (27 of 100)
+    k0, ranges = split.split(caps, overlapped=True)
+    assert k0 == 27 and ranges[0][0] == 27 and ranges[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    split.observe(k0, 0.27, 100 - k0, 0.02 * (100 - k0))
+    # no training to hide behind (after the last round): k0 * 0.01 = (100 - k0) * 0.02
+    assert split.split(caps, overlapped=False)[0] == 66
+    # while the workers train 2 s: rank 0 can take everything (0.8 * 2 s > 100 * 10 ms)
+    split.observe_training(2.0)
+    k0, ranges = split.split(caps, overlapped=True)
+    assert k0 == 100 and all(a == b for a, b in ranges)
+    # 0.5 s of training: k0 * 0.01 = 0.4 + (100 - k0) * 0.02
+    split.observe_training(0.5)
+    assert split.split(caps, overlapped=True)[0] == 80

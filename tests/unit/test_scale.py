@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from elfish_mpi import data as datamod
-from elfish_mpi.evaluation import CHUNK, evaluate, rank_shares
+from elfish_mpi.evaluation import evaluate, num_chunks, shares
 from elfish_mpi.models import MaskableCNN, lenet
 from elfish_mpi.submodel import flat_from_state_dict, load_flat
 
@@ -27,16 +27,20 @@ def test_nine_ranks_share_the_evaluation_and_record_the_whole_test_sets_figures(
     )
     # Assert
     assert res.returncode == 0, res.stderr
-    shares = rank_shares(TEST_IMAGES, "all", capacities)
-    holders = [w for w in range(8) if shares[w + 1][1] > shares[w + 1][0]]
-    assert sum(b - a for a, b in shares) * CHUNK == TEST_IMAGES and len(holders) >= 6, shares
+    # the first evaluation is split by capacity (rank 0 counting as 1); later ones by measured rates
+    first = shares(num_chunks(TEST_IMAGES), [1.0, *capacities])
+    holders = [w for w in range(8) if first[w + 1][1] > first[w + 1][0]]
+    assert len(holders) >= 6, first
     with h5py.File(out / "checkpoint.h5", "r") as f:
         assert int(f.attrs["num_workers"]) == 8
         eval_time = f["workers/eval_time"][()]
+        root_share = f["metrics/eval_root_share"][()]
         recorded = f["metrics/test_accuracy"][-1], f["metrics/test_loss"][-1]
         state = {k: f["model"][k][()] for k in f["model"]}
-    for w in range(8):  # the workers with a share evaluated it every round, the others did not
-        assert np.all(eval_time[:, w] > 0) == (w in holders) and np.all(eval_time[:, w] >= 0), (w, eval_time)
+    for w in range(8):  # the workers with a share evaluated it, the others did not
+        assert (eval_time[0, w] > 0) == (w in holders), (w, eval_time)
+    assert root_share[0] == first[0][1] / 10 and np.all((root_share >= 0) & (root_share <= 1)), root_share
+    assert np.all(eval_time >= 0) and np.all((eval_time > 0).any(axis=1) == (root_share < 1)), (eval_time, root_share)
     # the final model, evaluated here in one process on the same images: the same figures, bit for bit
     spec = lenet()
     model = MaskableCNN(spec)
