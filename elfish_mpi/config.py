@@ -82,9 +82,10 @@ class RunConfig:
         True,
     )
     eval_on: str = _doc(
-        "Which ranks evaluate the global model: all (rank 0 and every worker evaluate a share of the "
-        "test set in proportion to their capacity, and rank 0 adds up the counts), or root (rank 0 "
-        "alone). The figures are the same bit for bit either way.",
+        "Which ranks evaluate the global model: all (rank 0 evaluates the test chunks it can while the "
+        "workers train, the workers the rest before they train, in proportion to capacity; the split "
+        "follows the measured rates, recorded in /metrics/eval_root_share), or root (rank 0 alone). "
+        "The figures are the same bit for bit either way.",
         "all",
     )
 

@@ -80,3 +80,13 @@ step "9. cgroup throttle calibration, 3 runs"
 for i in 1 2 3; do
     mpiexec -n 5 elfish-mpi calibrate --throttle cgroup --capacity 1,1,0.5,0.25 | tee -a "$OUT/9-calibrate-cgroup.md" || true
 done
+
+# 10. Rank 0 off the critical path: FedAvg / ELFISH round times with the whole test set and
+#     with 2,000 images (evaluation spread over the ranks), and the job at 5, 17 and 33 ranks.
+step "10. evaluation spread over the ranks"
+elfish-mpi bench --config $CFG -n 5 --strategies fedavg,elfish --seeds 0,1 --fleets quickstart --set run.rounds=8 \
+    --set data.test_samples=0 --set train.local_steps=30 --out "$OUT/10-eval-full"
+elfish-mpi bench --config $CFG -n 5 --strategies fedavg,elfish --seeds 0,1 --fleets quickstart --set run.rounds=8 \
+    --out "$OUT/10-eval-2000"
+[ -e "$OUT/10-ranks" ] || python "$(dirname "$0")/ranks.py" --ranks 5,17,33 --out "$OUT/10-ranks" \
+    --set run.rounds=3 --set strategy.profile=quick
