@@ -82,7 +82,7 @@ class Worker:
             d.name, setup["data_path"], num_workers, self.index, d.partition, cfg.run.seed,
             alpha=d.alpha, shards_per_worker=d.shards_per_worker, max_samples=d.max_samples,
         )
-        self.x = torch.from_numpy(datamod.normalize(part.images))
+        self.images = part.images  # uint8, a quarter of float32: each batch is normalized as it is drawn
         self.y = torch.from_numpy(part.labels.astype(np.int64))
         cursor = int((setup.get("cursors") or [0] * num_workers)[self.index])
         self.sampler = Sampler(len(self.y), cfg.train.batch_size, cfg.run.seed, self.index, cursor)
@@ -98,6 +98,10 @@ class Worker:
             worker=self.index, num_workers=num_workers, job_id=setup["job_id"], capacities=caps,
             local_workers=local, threads=cfg.run.threads,
         )
+
+    def batch(self, idx: np.ndarray) -> torch.Tensor:
+        """The float32 images of ``idx`` (the same values as normalizing the whole set first)."""
+        return torch.from_numpy(datamod.normalize(self.images[idx]))
 
     # -- profiling -------------------------------------------------------------
     def profile(self) -> np.ndarray:
@@ -120,10 +124,10 @@ class Worker:
         for _ in range(profiling.passes(kind)):
             for i, (model, opt) in enumerate(models):
                 idx = probe.next()
-                train_step(model, opt, self.x[idx], self.y[idx])
+                train_step(model, opt, self.batch(idx), self.y[idx])
                 for _ in range(self.cfg.strategy.profile_steps):
                     idx = probe.next()
-                    _, t = self.throttle.run(train_step, model, opt, self.x[idx], self.y[idx])
+                    _, t = self.throttle.run(train_step, model, opt, self.batch(idx), self.y[idx])
                     samples[i].append(t.reported)
         times = [float(np.median(s)) for s in samples]
         return np.concatenate([times, macs, mem])
@@ -157,7 +161,7 @@ class Worker:
                 late = True  # out of time: stop here; the update is dropped
                 break
             b = self.sampler.next()
-            loss, t = self.throttle.run(train_step, model, opt, self.x[b], self.y[b], anchor, task.mu)
+            loss, t = self.throttle.run(train_step, model, opt, self.batch(b), self.y[b], anchor, task.mu)
             reported += t.reported
             virtual += t.virtual
             loss_sum += loss
