@@ -3,14 +3,14 @@
 A checkpoint is a single HDF5 file holding everything needed to inspect a run
 and to resume it. The module is pure (numpy + h5py); files are never pickled.
 
-File layout (``format_version`` 1)
+File layout (``format_version`` 2)
 ----------------------------------
 
 Root attributes:
 
 ================  ==========================================================
 ``format``        ``"elfish-mpi"``
-``format_version`` ``1`` (integer)
+``format_version`` ``2`` (integer; files of version 1 are read too)
 ``round``         number of rounds completed (integer >= 0)
 ``config``        the full run configuration as a JSON string
 ``strategy``      name of the strategy (string)
@@ -38,11 +38,18 @@ Groups and datasets:
     ``maxshape=(None, workers)``. E.g. ``keep_ratio``, ``busy_time``,
     ``idle_time``, ``virtual_time``, ``num_samples``. Every dataset has the
     same number of columns (workers).
-``/masks/round_NNNNNN/worker_NN/<layer>``
-    int32, sorted indices of the neurons of ``<layer>`` a worker kept (trained)
-    in a round. ``NNNNNN`` is the 1-based round number, zero padded to 6
-    digits; ``NN`` is the 0-based worker index (MPI rank - 1), zero padded to
-    2 digits.
+``/masks/round``
+    int64 ``(rounds,)``: the 1-based rounds whose masks follow, in order.
+``/masks/<layer>``
+    uint8 ``(rounds, workers, ceil(neurons / 8))``, ``maxshape=(None, workers,
+    bytes)``: which neurons of ``<layer>`` each worker kept (trained) in each
+    round, one bit a neuron, packed as ``numpy.packbits`` packs them (first
+    neuron in the highest bit of the first byte); attribute ``neurons``. The
+    kept indices of worker ``w`` in the ``i``-th round listed:
+    ``np.flatnonzero(np.unpackbits(ds[i, w], count=ds.attrs["neurons"]))``.
+    Version 1 stored ``/masks/round_NNNNNN/worker_NN/<layer>`` (sorted int32
+    indices), a group a round and worker: it grew with rounds x workers x
+    layers in HDF5 objects.
 ``/coverage/<layer>``
     int64 ``(neurons,)``: how often each neuron has been trained so far.
 ``/profiles/<name>``
@@ -107,11 +114,12 @@ __all__ = [
     "rotate",
     "find_latest_valid",
     "remove_stale_temps",
+    "kept_neurons",
 ]
 
 FORMAT = "elfish-mpi"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 LATEST_NAME = "checkpoint.h5"
 HISTORY_DIR = "checkpoints"
@@ -280,7 +288,39 @@ def _prepare(ckpt: Checkpoint) -> dict:
         masks[int(r)] = out
 
     return {"round": rnd, "config": config_json, "strategy": ckpt.strategy, "attrs": attrs,
-            "groups": groups, "masks": masks}
+            "groups": groups, "masks": masks, "packed_masks": _pack_history(masks, groups.get("coverage", {}))}
+
+
+def _pack_history(masks: dict[int, list[dict[str, np.ndarray]]], coverage: dict[str, np.ndarray]):
+    """(rounds, {layer: uint8 (rounds, workers, bytes)}, {layer: neurons}) of version 2's
+    /masks. A layer has as many neurons as its /coverage entry, else its largest index + 1."""
+    rounds = sorted(masks)
+    if not rounds:
+        return [], {}, {}
+    layers = list(masks[rounds[0]][0]) if masks[rounds[0]] else []
+    workers = len(masks[rounds[0]])
+    for r in rounds:
+        if len(masks[r]) != workers:
+            raise CheckpointError(f"masks[{r}]: {len(masks[r])} workers, but round {rounds[0]} has {workers}")
+        for w, kept in enumerate(masks[r]):
+            if sorted(kept) != sorted(layers):
+                raise CheckpointError(f"masks[{r}][{w}]: layers {sorted(kept)}, but the others have {sorted(layers)}")
+    widths = {}
+    for layer in layers:
+        top = max((int(m[layer][-1]) + 1 for r in rounds for m in masks[r] if m[layer].size), default=0)
+        cov = coverage.get(layer)
+        width = int(cov.shape[0]) if cov is not None and cov.ndim == 1 else top
+        if top > width:
+            raise CheckpointError(f"masks: layer {layer!r} has neuron {top - 1}, but coverage/{layer} has {width} neurons")
+        widths[layer] = width
+    packed = {}
+    for layer in layers:
+        bits = np.zeros((len(rounds), workers, widths[layer]), dtype=bool)
+        for i, r in enumerate(rounds):
+            for w, kept in enumerate(masks[r]):
+                bits[i, w, kept[layer]] = True
+        packed[layer] = np.packbits(bits, axis=2)
+    return rounds, packed, widths
 
 
 def _worker_counts(workers: dict[str, np.ndarray]) -> str | None:
@@ -336,12 +376,14 @@ def _write_open(f: h5py.File, plan: dict) -> None:
             else:
                 _create(g, name, arr)
     mg = _new_group(f, "masks")
-    for r in sorted(plan["masks"]):
-        rg = _new_group(mg, f"round_{r:06d}")
-        for w, layers in enumerate(plan["masks"][r]):
-            wg = _new_group(rg, f"worker_{w:02d}")
-            for layer, arr in layers.items():
-                _create(wg, layer, arr)
+    rounds, packed, widths = plan["packed_masks"]
+    _create(mg, "round", np.asarray(rounds, dtype=np.int64), extendable=True)
+    for layer, bits in packed.items():
+        kwargs: dict = {"maxshape": (None,) + bits.shape[1:], "chunks": (1,) + tuple(max(n, 1) for n in bits.shape[1:])}
+        if bits.size:
+            kwargs["fletcher32"] = True
+        ds = mg.create_dataset(layer, data=bits, **kwargs)
+        ds.attrs["neurons"] = np.int64(widths[layer])
 
 
 def _fsync_path(path: Path) -> None:
@@ -553,11 +595,13 @@ class _Reader:
             out[key] = self.load(obj)
         return out
 
-    def masks(self) -> dict[int, list[dict[str, np.ndarray]]]:
+    def masks(self, version: int) -> dict[int, list[dict[str, np.ndarray]]]:
         g = self.group("masks", required=False)
         out: dict[int, list[dict[str, np.ndarray]]] = {}
         if g is None:
             return out
+        if version >= 2:
+            return self.packed_masks(g)
         for rname in g:
             m = _ROUND_RE.match(rname)
             rg = self.child(g, rname)
@@ -583,6 +627,39 @@ class _Reader:
                 raise self.fail(f"'/masks/{rname}': worker groups are not numbered 0..{len(workers) - 1}")
             out[int(m.group(1))] = [workers[i] for i in range(len(workers))]
         return dict(sorted(out.items()))
+
+    def packed_masks(self, g: h5py.Group) -> dict[int, list[dict[str, np.ndarray]]]:
+        """Version 2: /masks/round and one packed-bit dataset a layer."""
+        if "round" not in g:
+            raise self.fail("'/masks' has no 'round' dataset (format_version 2)")
+        rounds = self.load(self.child(g, "round"), kinds="iu")
+        if rounds.ndim != 1 or (rounds.size and (rounds.min() < 1 or np.any(np.diff(rounds) <= 0))):
+            raise self.fail(f"'/masks/round' must list increasing rounds >= 1, got {rounds.tolist()[:10]}")
+        out: dict[int, list[dict[str, np.ndarray]]] = {int(r): [] for r in rounds}
+        workers = None
+        for layer in g:
+            if layer == "round":
+                continue
+            ds = self.child(g, layer)
+            if not isinstance(ds, h5py.Dataset):
+                raise self.fail(f"'{g.name}/{layer}' is not a dataset")
+            neurons = _attr_int(ds.attrs.get("neurons"))
+            bits = self.load(ds, kinds="u")
+            if neurons is None or neurons < 0 or bits.dtype != np.uint8 or bits.ndim != 3 \
+                    or bits.shape[0] != rounds.size or bits.shape[2] != (neurons + 7) // 8:
+                raise self.fail(f"'{ds.name}': expected uint8 (rounds {rounds.size}, workers, ceil(neurons / 8)) "
+                                f"with attribute neurons, got {bits.dtype} {bits.shape}, neurons {_show(ds.attrs.get('neurons'))}")
+            if workers is not None and bits.shape[1] != workers:
+                raise self.fail(f"'{ds.name}': {bits.shape[1]} workers, the other layers {workers}")
+            workers = bits.shape[1]
+            kept = np.unpackbits(bits, axis=2, count=neurons)
+            for i, r in enumerate(rounds):
+                per_worker = out[int(r)]
+                while len(per_worker) < workers:
+                    per_worker.append({})
+                for w in range(workers):
+                    per_worker[w][layer] = np.flatnonzero(kept[i, w]).astype(np.int32)
+        return out
 
     def checkpoint(self, load_masks: bool) -> Checkpoint:
         attrs = self.f.attrs
@@ -629,7 +706,7 @@ class _Reader:
                 raise self.fail(f"workers/{name} has shape {arr.shape}, expected ({rnd}, workers) for round {rnd}")
         if _worker_counts(groups["workers"]) is not None:
             raise self.fail(f"workers: {_worker_counts(groups['workers'])}")
-        masks = self.masks() if load_masks else {}
+        masks = self.masks(version) if load_masks else {}
         return Checkpoint(round=rnd, config=config, strategy=strategy, masks=masks, attrs=extra, **groups)
 
     def verify_all(self) -> None:
@@ -642,6 +719,18 @@ class _Reader:
         self.f.visititems(visit)
         for ds in datasets:
             self.load(ds)
+
+
+def kept_neurons(f: h5py.File, rnd: int, worker: int, layer: str) -> np.ndarray:
+    """The sorted neurons of ``layer`` that ``worker`` (0-based: rank - 1) kept in round ``rnd``,
+    from an h5py file open for reading (format_version 2, or 1)."""
+    if "masks/round" not in f:  # format_version 1
+        return np.asarray(f[f"masks/round_{rnd:06d}/worker_{worker:02d}/{layer}"][()], dtype=np.int32)
+    where = np.flatnonzero(f["masks/round"][()] == rnd)
+    if where.size == 0:
+        raise KeyError(f"no masks of round {rnd} in {f.filename}")
+    ds = f[f"masks/{layer}"]
+    return np.flatnonzero(np.unpackbits(ds[int(where[0]), worker], count=int(ds.attrs["neurons"]))).astype(np.int32)
 
 
 def _open_and(path: str | os.PathLike, action):

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a checkpoint's summary")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    i.add_argument("--masks", type=int, metavar="ROUND", help="print the neurons each worker kept in round ROUND")
     v = sub.add_parser("validate", help="verify a checkpoint (layout and checksums) without running")
     v.add_argument("checkpoint")
     for name, text in (
@@ -404,6 +405,15 @@ def inspect(args) -> int:
     from . import checkpoint as ckptmod
 
     ck = ckptmod.read(args.checkpoint)
+    if args.masks is not None:
+        if args.masks not in ck.masks:
+            rounds = sorted(ck.masks)
+            listed = f"rounds {rounds[0]} to {rounds[-1]}" if rounds else "no rounds"
+            raise UsageError(f"{args.checkpoint} holds the masks of {listed}, not of round {args.masks}")
+        for w, layers in enumerate(ck.masks[args.masks]):
+            for layer, kept in layers.items():
+                print(f"round {args.masks} worker {w} (rank {w + 1}) {layer}: {len(kept)} kept: {' '.join(map(str, kept))}")
+        return 0
     if args.json:
         print(json.dumps({k: [float(x) for x in v] for k, v in ck.metrics.items()}))
     else:

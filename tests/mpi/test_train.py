@@ -16,6 +16,7 @@ from elfish_mpi.comm import Comm
 from elfish_mpi.masking import select
 from elfish_mpi.models import lenet
 from elfish_mpi.submodel import param_index
+from elfish_mpi.checkpoint import kept_neurons
 
 pytestmark = [pytest.mark.mpi(min_size=3), pytest.mark.timeout(300)]
 
@@ -64,8 +65,7 @@ def model_of(path: Path) -> dict:
 
 def kept_values(f: h5py.File, rnd: int, worker: int) -> int:
     """How many of the model's values worker ``worker`` trained in round ``rnd`` (its masks)."""
-    group = f[f"masks/round_{rnd:06d}/worker_{worker:02d}"]
-    return param_index(lenet(), {name: group[name][()] for name in group}).size
+    return param_index(lenet(), {name: kept_neurons(f, rnd, worker, name) for name in ("conv1", "conv2", "fc1")}).size
 
 
 def test_run_writes_the_documented_checkpoint():
@@ -83,10 +83,10 @@ def test_run_writes_the_documented_checkpoint():
             assert f["workers"][name].shape == (3, WORKERS), name
         np.testing.assert_allclose(f["workers/keep_ratio"][:, 0], 1.0)
         assert np.all(f["workers/keep_ratio"][:, 1:] < 0.6)
-        kept = [f[f"masks/round_{r:06d}/worker_01/conv2"][()] for r in (1, 2, 3)]
+        kept = [kept_neurons(f, r, 1, "conv2") for r in (1, 2, 3)]
         assert all(k.dtype == np.int32 and np.all(np.diff(k) > 0) and k.size == 25 for k in kept)
         assert not np.array_equal(kept[0], kept[1]) and not np.array_equal(kept[1], kept[2])
-        full = f["masks/round_000001/worker_00/conv2"][()]
+        full = kept_neurons(f, 1, 0, "conv2")
         np.testing.assert_array_equal(full, np.arange(50))
         assert f["coverage/conv2"].shape == (50,) and f["coverage/conv2"][()].sum() == 3 * 50 + 3 * 25 * (WORKERS - 1)
         assert "step_time" not in f.get("profiles", {})  # fixed keep ratios: nothing to plan, no profiling
@@ -120,7 +120,7 @@ def test_untrained_neurons_keep_their_weights_exactly(transport):
         for layer in ("conv1", "conv2", "fc1"):
             trained = set()
             for w in range(WORKERS):
-                trained |= set(f[f"masks/round_000002/worker_{w:02d}/{layer}"][()].tolist())
+                trained |= set(kept_neurons(f, 2, w, layer).tolist())
             untrained = sorted(set(range(before[f"{layer}.weight"].shape[0])) - trained)
             checked += len(untrained)
             np.testing.assert_array_equal(after[f"{layer}.weight"][untrained], before[f"{layer}.weight"][untrained])
@@ -252,9 +252,8 @@ def test_where_and_when_the_model_is_evaluated_changes_no_result(monkeypatch):
                 assert fa["metrics"][name][()].tobytes() == fb["metrics"][name][()].tobytes(), f"{other}: {name}"
             for r in (1, 2, 3):
                 for w in range(WORKERS):
-                    group = f"masks/round_{r:06d}/worker_{w:02d}"
                     for layer in ("conv1", "conv2", "fc1"):
-                        np.testing.assert_array_equal(fa[f"{group}/{layer}"][()], fb[f"{group}/{layer}"][()])
+                        np.testing.assert_array_equal(kept_neurons(fa, r, w, layer), kept_neurons(fb, r, w, layer))
             np.testing.assert_array_equal(fa["coverage/conv2"][()], fb["coverage/conv2"][()])
             # who evaluated: round 1 by capacity (3 chunks: rank 0 and the first two workers one
             # each); the workers given chunks record their time, rank 0 its share
@@ -287,10 +286,10 @@ def test_every_strategy_runs_on_the_same_path(strategy):
     assert rc == 0
     if WORLD.rank != 0:
         return
-    slow = f"worker_{WORKERS - 1:02d}"
+    slow = WORKERS - 1
     with h5py.File(out / "checkpoint.h5", "r") as f:
         assert int(f.attrs["round"]) == 3 and f.attrs["strategy"].decode() == name
-        masks = [f[f"masks/round_{r:06d}/{slow}/conv2"][()] for r in (1, 2, 3)]
+        masks = [kept_neurons(f, r, slow, "conv2") for r in (1, 2, 3)]
         keep = f["workers/keep_ratio"][()]
         assert np.all(np.isfinite(f["model/fc1.weight"][()]))
         if name in ("fedavg", "fedavg-drop", "fedprox-partial"):
@@ -319,7 +318,7 @@ def test_every_strategy_runs_on_the_same_path(strategy):
                 if not layer.maskable:
                     continue
                 for r in (1, 2, 3):
-                    kept = f[f"masks/round_{r:06d}/{slow}/{layer.name}"][()]
+                    kept = kept_neurons(f, r, slow, layer.name)
                     if kept.size < layer.out:
                         want = select("random", layer.out, kept.size, seed=0, round=r, worker=WORKERS - 1, layer=li)
                         np.testing.assert_array_equal(kept, want, err_msg=f"{layer.name}, round {r}")

@@ -136,7 +136,7 @@ def test_read_without_masks_skips_them(ckpt_path: Path) -> None:
 def test_layout_matches_the_documented_format(ckpt_path: Path) -> None:
     with h5py.File(ckpt_path, "r") as f:
         assert f.attrs["format"].decode() == "elfish-mpi"
-        assert int(f.attrs["format_version"]) == 1
+        assert int(f.attrs["format_version"]) == 2
         assert int(f.attrs["round"]) == ROUNDS
         assert f.attrs["strategy"].decode() == "elfish"
         assert f.attrs["hostname"].decode() == "node-1"
@@ -158,10 +158,15 @@ def test_layout_matches_the_documented_format(ckpt_path: Path) -> None:
         assert busy.shape == (ROUNDS, WORKERS) and busy.maxshape == (None, WORKERS)
         assert busy.attrs["units"].decode() == "s"
 
-        mask = f["masks/round_000002/worker_01/conv1"]
-        assert mask.dtype == np.int32 and mask.fletcher32
-        assert set(f["masks"]) == {"round_000001", "round_000002", "round_000003"}
-        assert set(f["masks/round_000001"]) == {"worker_00", "worker_01"}
+        # masks: one packed-bit dataset a layer, rounds on the first axis, as the docstring says
+        assert set(f["masks"]) == {"round", "conv1", "fc"}
+        np.testing.assert_array_equal(f["masks/round"][()], np.arange(1, ROUNDS + 1))
+        mask = f["masks/conv1"]
+        assert mask.dtype == np.uint8 and mask.fletcher32 and mask.shape == (ROUNDS, WORKERS, 1)
+        assert mask.maxshape == (None, WORKERS, 1) and int(mask.attrs["neurons"]) == 6
+        assert f["masks/fc"].shape == (ROUNDS, WORKERS, 2) and int(f["masks/fc"].attrs["neurons"]) == 10
+        kept = np.flatnonzero(np.unpackbits(mask[1, 1], count=int(mask.attrs["neurons"])))
+        np.testing.assert_array_equal(kept, np.sort(make_ckpt().masks[2][1]["conv1"]))
 
         assert f["coverage/conv1"].dtype == np.int64
         assert f["profiles/step_time"].shape == (WORKERS, 4)
@@ -312,7 +317,7 @@ def test_flipped_model_byte_is_caught_by_checksum(ckpt_path: Path) -> None:
 
 def test_validate_checks_data_that_read_skipped(ckpt_path: Path) -> None:
     # Prepare: damage a mask, which read(load_masks=False) never looks at
-    flip_byte(ckpt_path, data_offset(ckpt_path, "masks/round_000003/worker_01/fc"))
+    flip_byte(ckpt_path, data_offset(ckpt_path, "masks/fc"))
 
     # Execute / Assert
     assert ck.read(ckpt_path, load_masks=False).round == ROUNDS
@@ -326,11 +331,11 @@ def set_root_attr(path: Path, name: str, value) -> None:
 
 
 def test_unsupported_format_version_names_supported_versions(ckpt_path: Path) -> None:
-    set_root_attr(ckpt_path, "format_version", 2)
+    set_root_attr(ckpt_path, "format_version", 3)  # a file from a newer elfish-mpi
 
     with pytest.raises(CheckpointError, match="unsupported format_version") as err:
         ck.read(ckpt_path)
-    assert "supports format_version 1" in str(err.value)
+    assert "supports format_version 1, 2" in str(err.value)
 
 
 def test_wrong_format_is_rejected(ckpt_path: Path) -> None:
@@ -519,3 +524,62 @@ def test_damaged_file_reads_fine_or_raises_checkpoint_error(valid_file_bytes: by
             except CheckpointError:
                 continue
             assert result.round == ROUNDS
+
+
+def as_version_1(path: Path) -> None:
+    """Rewrite a checkpoint's masks in format_version 1's layout (a group a round and worker)."""
+    masks = ck.read(path).masks
+    with h5py.File(path, "r+") as f:
+        del f["masks"]
+        g = f.create_group("masks")
+        for r, per_worker in masks.items():
+            for w, layers in enumerate(per_worker):
+                for layer, idx in layers.items():
+                    g.create_dataset(f"round_{r:06d}/worker_{w:02d}/{layer}", data=idx.astype(np.int32))
+        f.attrs["format_version"] = np.int64(1)
+
+
+def test_a_version_1_checkpoint_is_still_read(ckpt_path: Path) -> None:
+    # Prepare
+    want = ck.read(ckpt_path).masks
+    as_version_1(ckpt_path)
+    # Execute
+    got = ck.read(ckpt_path)
+    # Assert: the same kept neurons, and the file is valid
+    assert sorted(got.masks) == sorted(want) == [1, 2, 3]
+    for r in want:
+        for w in range(WORKERS):
+            for layer in ("conv1", "fc"):
+                np.testing.assert_array_equal(got.masks[r][w][layer], want[r][w][layer])
+    ck.validate(ckpt_path)
+
+
+def test_masks_that_do_not_fit_their_layer_are_refused(tmp_path: Path) -> None:
+    # a neuron beyond the layer's coverage, and a round with a worker missing
+    bad = make_ckpt()
+    bad.masks[2][1]["fc"] = np.array([0, 10])
+    with pytest.raises(CheckpointError, match="neuron 10, but coverage/fc has 10 neurons"):
+        ck.write(tmp_path / "a.h5", bad)
+    short = make_ckpt()
+    short.masks[3] = short.masks[3][:1]
+    with pytest.raises(CheckpointError, match=r"masks\[3\]: 1 workers, but round 1 has 2"):
+        ck.write(tmp_path / "b.h5", short)
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()
+
+
+def test_inspect_shows_the_kept_neurons_of_any_round(ckpt_path: Path, capsys) -> None:
+    from elfish_mpi.cli import main
+
+    # Execute
+    assert main(["inspect", str(ckpt_path), "--masks", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # Assert: a line per worker and layer, the neurons the file holds
+    want = make_ckpt().masks[2]
+    assert len(out) == WORKERS * 2
+    for w in range(WORKERS):
+        kept = np.sort(want[w]["conv1"])
+        assert f"round 2 worker {w} (rank {w + 1}) conv1: {kept.size} kept: {' '.join(map(str, kept))}" in out
+    assert "round 2 worker 1 (rank 2) fc: 3 kept: 0 4 9" in out
+    # a round the file does not hold: one clear line, exit 2
+    assert main(["inspect", str(ckpt_path), "--masks", "9"]) == 2
+    assert "holds the masks of rounds 1 to 3, not of round 9" in capsys.readouterr().err

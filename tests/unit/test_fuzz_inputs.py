@@ -346,8 +346,8 @@ def mutation(data, f: h5py.File) -> tuple[str, str | None]:
         return kind, "not an elfish-mpi checkpoint"
     if kind == "format_version":
         v = data.draw(st.one_of(
-            st.integers(*I64).filter(lambda i: i != 1).map(np.int64),
-            st.sampled_from([np.int64(0), np.int64(-1), np.int64(2), np.int64(2**62), np.uint64(2**64 - 1),
+            st.integers(*I64).filter(lambda i: i not in (1, 2)).map(np.int64),
+            st.sampled_from([np.int64(0), np.int64(-1), np.int64(3), np.int64(2**62), np.uint64(2**64 - 1),
                              np.float64(1.0), fixed("1"), np.bool_(True), np.array([1, 1])]),
             st.floats().map(np.float64)), label="format_version")
         f.attrs["format_version"] = v
@@ -436,16 +436,20 @@ def mutation(data, f: h5py.File) -> tuple[str, str | None]:
         f[g].create_dataset("big", shape=(2**40,), dtype="f8", chunks=(1024,))
         return f"huge dataset in /{g}", "more than the file holds"
     if kind == "mask_names":
-        which = data.draw(st.sampled_from(["round", "worker"]))
-        if which == "round":
-            f.move("masks/round_000002", "masks/" + data.draw(st.sampled_from(["round_2", "round_x", "r_000002", "round_0000002x"])))
-            return "bad round group name", "unexpected entry '/masks/"
-        f.move("masks/round_000002/worker_01", "masks/round_000002/worker_05")
-        return "worker groups not 0..n-1", "not numbered"
+        which = data.draw(st.sampled_from(["missing", "order"]))
+        if which == "missing":
+            del f["masks/round"]
+            return "no /masks/round", "has no 'round' dataset"
+        replace(f, "masks/round", f["masks/round"][()][::-1].copy())
+        return "rounds out of order", "must list increasing rounds"
     if kind == "mask_dtype":
-        bad = data.draw(st.sampled_from([np.zeros(3, dtype=np.float32), np.zeros((2, 2), dtype=np.int32)]))
-        replace(f, "masks/round_000001/worker_00/conv1", bad)
-        return "float or 2-D mask", "masks/round_000001/worker_00/conv1"
+        rows = f["masks/conv1"].shape
+        bad = data.draw(st.sampled_from([np.zeros(rows, dtype=np.float32), np.zeros(rows[:2] + (9,), dtype=np.uint8),
+                                         np.zeros(rows[:1], dtype=np.uint8)]))
+        neurons = f["masks/conv1"].attrs["neurons"]
+        replace(f, "masks/conv1", bad)
+        f["masks/conv1"].attrs["neurons"] = neurons
+        return "float or misshaped mask", "masks/conv1"
     if kind == "dangling_link":
         g = data.draw(st.sampled_from(REQUIRED))
         del f[g]

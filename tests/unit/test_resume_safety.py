@@ -14,6 +14,7 @@ import pytest
 from proc_tools import clean_env
 from test_cli_job import ROOT, TIMEOUT, launch, snapshot, tiny
 from test_faults import open_mpi_launcher
+from elfish_mpi.checkpoint import kept_neurons
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -102,7 +103,7 @@ def test_records_are_what_happened_and_survive_a_resume(tmp_path):
     with h5py.File(out / "checkpoint.h5", "r") as f:
         widths = {"conv1": 20, "conv2": 50, "fc1": 500}
         for layer, width in widths.items():
-            kept = np.array([[f[f"masks/round_{r:06d}/worker_{w:02d}/{layer}"].size for w in range(2)] for r in (1, 2, 3)])
+            kept = np.array([[kept_neurons(f, r, w, layer).size for w in range(2)] for r in (1, 2, 3)])
             np.testing.assert_array_equal(f[f"workers/keep_ratio_{layer}"][()], kept / width)
         # conv2 keeps 13 of 50 at ratio 0.25 (keep counts round up): 0.26 is recorded, not 0.25
         assert f["workers/keep_ratio_conv2"][0, 1] == pytest.approx(0.26)
