@@ -118,7 +118,7 @@ class Aggregator:
         stopped_by = None
         self.pending = None
         for rnd in range(self.start_round + 1, cfg.run.rounds + 1):
-            t0 = time.perf_counter()
+            t0, waited0 = time.perf_counter(), self.comm.waited
             supervisor.note(f"in round {rnd}")
             # 1. plan: what each worker trains (keep ratios, steps, limits), then this round's masks
             assignments = self.strategy.configure(rnd)
@@ -150,6 +150,7 @@ class Aggregator:
             if not np.all(np.isfinite(self.flat)):
                 raise FloatingPointError(f"round {rnd}: the aggregated model is not finite")
             round_time = time.perf_counter() - t0
+            self.root_busy = round_time - (self.comm.waited - waited0)  # rank 0's work in the round: not waiting
             # 4. learn from the measured times; count which neurons were trained
             for w in range(self.num_workers):
                 self.strategy.observe(w, ratios[w], stats["step_time"][w])
@@ -296,6 +297,7 @@ class Aggregator:
             "eval_root_share": 0.0,
             "checkpoint_time": 0.0,
             "peak_memory": peak_memory(),
+            "root_busy_time": self.root_busy,
         }
         done = len(self.metrics.get("round", []))  # rounds recorded before (a key new since then: NaN there)
         for k, v in row.items():
@@ -317,6 +319,7 @@ class Aggregator:
             "rejected": 1.0 - stats["finite"],
             "eval_time": np.zeros(self.num_workers),  # filled in where evaluated (its share of the test set)
             "peak_memory": stats["peak_memory"],
+            "bytes_received": stats["bytes_received"],
         }
         widths = self.spec.full_widths()
         for name in self.spec.maskable:  # the share kept (keep counts round up), not the ratio asked for

@@ -138,6 +138,8 @@ UNITS = {
     "wall_clock": "s",
     "step_time": "s",
     "peak_memory": "bytes",
+    "bytes_received": "bytes",
+    "root_busy_time": "s",
     "bytes_sent": "bytes",
     "test_accuracy": "fraction 0..1",
     "keep_ratio": "fraction 0..1",

@@ -48,6 +48,10 @@ class Comm:
         # start (StopTimeout): a job told to stop must not outlive its batch system's grace
         # waiting for a rank that is dead. (SIGUSR1, an early warning, has no such limit.)
         self.stop_grace: float | None = None
+        # What this rank spent waiting for others (seconds) and received in broadcasts (bytes),
+        # since it started: the round loop records their growth per round.
+        self.waited = 0.0
+        self.received = 0
 
     def _stop_overdue(self, started: float) -> bool:
         at = signals.terminated_at() if self.stop_grace is not None else None
@@ -63,12 +67,15 @@ class Comm:
         With ``timeout``, raise :class:`RoundTimeout` when it has not completed in time."""
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        while not self._test(req, "another", what or "a transfer", waiter="this rank"):
-            if deadline is not None and time.monotonic() > deadline:
-                raise RoundTimeout(f"{what} did not complete within run.round_timeout = {timeout:g} s")
-            if self._stop_overdue(started):
-                raise self._stop_timeout(f"{what or 'a transfer'} did not complete")
-            time.sleep(_POLL)
+        try:
+            while not self._test(req, "another", what or "a transfer", waiter="this rank"):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RoundTimeout(f"{what} did not complete within run.round_timeout = {timeout:g} s")
+                if self._stop_overdue(started):
+                    raise self._stop_timeout(f"{what or 'a transfer'} did not complete")
+                time.sleep(_POLL)
+        finally:
+            self.waited += time.monotonic() - started
 
     # -- control ------------------------------------------------------------
     def bcast_obj(self, obj=None, timeout: float | None = None,
@@ -82,6 +89,8 @@ class Comm:
         self.wait(self.comm.Ibcast(n, root=0), timeout, what)
         buf = np.array(payload, copy=True) if self.rank == 0 else np.empty(int(n[0]), dtype=np.uint8)
         self.wait(self.comm.Ibcast(buf, root=0), timeout, what)
+        if self.rank != 0:
+            self.received += n.nbytes + buf.nbytes
         return obj if self.rank == 0 else MPI.pickle.loads(buf.tobytes())
 
     def allgather_obj(self, obj) -> list:
@@ -131,6 +140,8 @@ class Comm:
                     what: str = "the broadcast of the model (a worker rank stopped answering)") -> np.ndarray:
         """Broadcast ``arr`` from rank 0 in place (every rank passes a buffer of the same shape)."""
         self.wait(self.comm.Ibcast(arr, root=0), timeout, what)
+        if self.rank != 0:
+            self.received += arr.nbytes
         return arr
 
     def gather_rows(self, row: np.ndarray) -> np.ndarray | None:
@@ -160,8 +171,14 @@ class Comm:
             raise RankFailure(f"worker rank {owner} failed while rank 0 waited for its {what}: {error}") from None
 
     def _wait_all(self, requests: list, owners: list, timeout: float, what: str) -> None:
-        pending = set(range(len(requests)))
         started = time.monotonic()
+        try:
+            self._wait_all_from(started, requests, owners, timeout, what)
+        finally:
+            self.waited += time.monotonic() - started
+
+    def _wait_all_from(self, started: float, requests: list, owners: list, timeout: float, what: str) -> None:
+        pending = set(range(len(requests)))
         deadline = started + timeout
         while pending:
             for i in list(pending):
@@ -205,6 +222,7 @@ class Comm:
             values = buf[: sizes[w]]
             req = self.comm.Irecv(values, source=w + 1, tag=TAG_VALUES)
             status = MPI.Status()
+            t_wait = time.monotonic()
             while True:
                 for v in np.flatnonzero(~stats_in):
                     stats_in[v] = self._test(stat_reqs[v], v + 1, "update")
@@ -214,8 +232,10 @@ class Comm:
                 if timed_out or stop:
                     late = sorted({w + 1} | {v + 1 for v in np.flatnonzero(~stats_in)})
                     waiting = [req] + [stat_reqs[v] for v in np.flatnonzero(~stats_in)]
+                    self.waited += time.monotonic() - t_wait
                     self._give_up(waiting, late, timed_out, timeout, "update")
                 time.sleep(_POLL)
+            self.waited += time.monotonic() - t_wait
             got = status.Get_count(MPI.FLOAT)
             if got != sizes[w]:  # (a longer message fails in MPI; a shorter one would not)
                 raise RankFailure(f"worker rank {w + 1} sent {got} values for an update of {sizes[w]}")

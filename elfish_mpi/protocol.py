@@ -38,6 +38,7 @@ UPDATE = np.dtype([
     ("finite", "f8"),  # 1: every value of the update is finite
     ("signal", "f8"),  # 1: this rank received a stop signal (SIGTERM / SIGUSR1)
     ("peak_memory", "f8"),  # bytes: the most resident memory this rank has held so far
+    ("bytes_received", "f8"),  # bytes of rank 0's broadcasts since its previous update (plans, masks, models)
 ])
 
 

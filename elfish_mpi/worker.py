@@ -147,7 +147,7 @@ class Worker:
         return buf
 
     # -- one round ----------------------------------------------------------------
-    def train_round(self, rnd: int, kept: dict, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    def train_round(self, rnd: int, kept: dict, task: Task, received: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Train the sub-network of ``kept`` as ``task`` says; (UPDATE record, payload)."""
         t_start = time.perf_counter()
         model, idx = build_submodel(self.spec, kept, self.flat)
@@ -178,6 +178,7 @@ class Worker:
             train_loss=loss_sum / max(steps, 1), steps=steps, cursor=self.sampler.cursor, weight=weight,
             late=float(late), finite=float(finite), signal=float(signals.requested() is not None),
             bytes_sent=data.nbytes, busy_time=time.perf_counter() - t_start, peak_memory=peak_memory(),
+            bytes_received=received,
         )
         return record, data
 
@@ -188,6 +189,7 @@ class Worker:
                 supervisor.note("while profiling")
                 self.comm.gather_rows(self.profile())
             masks = mask_buffer(self.spec, self.comm.size - 1)
+            received = self.comm.received
             while True:
                 plan: Plan = self.comm.bcast_obj(None)
                 if plan.stop:
@@ -204,7 +206,9 @@ class Worker:
                 task = plan.task(self.index)
                 if task.capacity != self.throttle.capacity:
                     self.throttle.set_capacity(task.capacity, capacities=list(plan.capacity))
-                record, data = self.train_round(plan.round, unpack_masks(self.spec, masks, self.index), task)
+                record, data = self.train_round(plan.round, unpack_masks(self.spec, masks, self.index), task,
+                                                received=self.comm.received - received)
+                received = self.comm.received
                 transport.send(self.comm, self.cfg.strategy.transport, record, data, self.cfg.run.round_timeout)
                 supervisor.note(f"after its update of round {plan.round}, before round {plan.round + 1}'s plan arrived")
         finally:

@@ -73,10 +73,10 @@ RANK, ROUND, WHERE = {rank}, {round}, {where!r}
 _train, _send, _bcast = _worker.Worker.train_round, _comm.Comm.send_update, _comm.Comm.bcast_obj
 _sent = [0]
 
-def train_round(self, rnd, kept, a):
+def train_round(self, rnd, kept, *args, **kwargs):
     if WHERE == "training" and self.comm.rank == RANK and rnd == ROUND:
         os.kill(os.getpid(), signal.SIGSTOP)
-    return _train(self, rnd, kept, a)
+    return _train(self, rnd, kept, *args, **kwargs)
 
 def send_update(self, stats, values):
     if WHERE == "die-sending" and self.rank == RANK and _sent[0] == ROUND - 1:
