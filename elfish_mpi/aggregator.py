@@ -225,6 +225,7 @@ class Aggregator:
         self.metrics["test_accuracy"][-1], self.metrics["test_loss"][-1] = acc, loss
         self.metrics["eval_time"][-1] = time.perf_counter() - t_eval
         self.metrics["eval_root_share"][-1] = k0 / self.eval_split.k
+        self.metrics["eval_root_time"][-1] = t_root
 
     def finish_round(self, broadcast: bool = True) -> None:
         """Evaluate the model of the pending round (if due), report it and checkpoint it (if
@@ -295,6 +296,7 @@ class Aggregator:
             "updates_accepted": int(accepted.sum()),
             "eval_time": 0.0,
             "eval_root_share": 0.0,
+            "eval_root_time": 0.0,
             "checkpoint_time": 0.0,
             "peak_memory": peak_memory(),
             "root_busy_time": self.root_busy,

@@ -140,6 +140,7 @@ UNITS = {
     "peak_memory": "bytes",
     "bytes_received": "bytes",
     "root_busy_time": "s",
+    "eval_root_time": "s",
     "bytes_sent": "bytes",
     "test_accuracy": "fraction 0..1",
     "keep_ratio": "fraction 0..1",

@@ -8,7 +8,8 @@ throttle (no sleeping: every rank's time is real work), the quickstart fleet rep
 workers and the given overrides, and reports: the job's wall time from launch to exit, the
 start-up (launch to every rank set up: imports, data, throttles), the profiling, the median
 round and the median of each round's slowest worker's training (busy) time, their ratio,
-rank 0's median time per round not spent waiting for other ranks (`root_busy_time`), the
+rank 0's median time per round not spent waiting for other ranks (`root_busy_time`), and
+that time less its own share of the evaluation (`eval_root_time`, the round before's), the
 median bytes a worker receives per round, and the peak resident memory of rank 0 and of the
 workers (mean and largest).
 """
@@ -66,6 +67,9 @@ def run(n: int, out: Path, sets: list[str], timeout: float) -> dict:
             "median_round_s": float(np.median(round_time[1:] if round_time.size > 1 else round_time)),
             "median_slowest_busy_s": float(np.median(busy[1:] if busy.size > 1 else busy)),
             "rank0_busy_s": float(np.median(m["root_busy_time"][1:] if round_time.size > 1 else m["root_busy_time"][()])),
+            # (the evaluation rank 0 does in round r + 1 is round r's: shift by one)
+            "rank0_busy_without_eval_s": float(np.median(m["root_busy_time"][1:] - m["eval_root_time"][:-1]))
+            if round_time.size > 1 else float("nan"),
             "received_per_worker_kb": float(np.median(w["bytes_received"][1:] if round_time.size > 1 else w["bytes_received"][()])) / 1e3,
             "rank0_peak_mib": float(m["peak_memory"][-1]) / MIB,
             "worker_peak_mean_mib": float(w["peak_memory"][-1].mean()) / MIB,
