@@ -118,7 +118,7 @@ class Aggregator:
         stopped_by = None
         self.pending = None
         for rnd in range(self.start_round + 1, cfg.run.rounds + 1):
-            t0, waited0 = time.perf_counter(), self.comm.waited
+            t0, waited0, cpu0 = time.perf_counter(), self.comm.waited, time.process_time()
             supervisor.note(f"in round {rnd}")
             # 1. plan: what each worker trains (keep ratios, steps, limits), then this round's masks
             assignments = self.strategy.configure(rnd)
@@ -151,6 +151,7 @@ class Aggregator:
                 raise FloatingPointError(f"round {rnd}: the aggregated model is not finite")
             round_time = time.perf_counter() - t0
             self.root_busy = round_time - (self.comm.waited - waited0)  # rank 0's work in the round: not waiting
+            self.root_cpu = time.process_time() - cpu0  # and the CPU it used (polling included)
             # 4. learn from the measured times; count which neurons were trained
             for w in range(self.num_workers):
                 self.strategy.observe(w, ratios[w], stats["step_time"][w])
@@ -300,6 +301,7 @@ class Aggregator:
             "checkpoint_time": 0.0,
             "peak_memory": peak_memory(),
             "root_busy_time": self.root_busy,
+            "root_cpu_time": self.root_cpu,
         }
         done = len(self.metrics.get("round", []))  # rounds recorded before (a key new since then: NaN there)
         for k, v in row.items():

@@ -141,6 +141,7 @@ UNITS = {
     "bytes_received": "bytes",
     "root_busy_time": "s",
     "eval_root_time": "s",
+    "root_cpu_time": "s",
     "bytes_sent": "bytes",
     "test_accuracy": "fraction 0..1",
     "keep_ratio": "fraction 0..1",

@@ -10,6 +10,8 @@ start-up (launch to every rank set up: imports, data, throttles), the profiling,
 round and the median of each round's slowest worker's training (busy) time, their ratio,
 rank 0's median time per round not spent waiting for other ranks (`root_busy_time`), and
 that time less its own share of the evaluation (`eval_root_time`, the round before's), the
+CPU time rank 0 used per round (`root_cpu_time`: wall time on a crowded node includes waiting
+for a core), the
 median bytes a worker receives per round, and the peak resident memory of rank 0 and of the
 workers (mean and largest).
 """
@@ -70,6 +72,7 @@ def run(n: int, out: Path, sets: list[str], timeout: float) -> dict:
             # (the evaluation rank 0 does in round r + 1 is round r's: shift by one)
             "rank0_busy_without_eval_s": float(np.median(m["root_busy_time"][1:] - m["eval_root_time"][:-1]))
             if round_time.size > 1 else float("nan"),
+            "rank0_cpu_s": float(np.median(m["root_cpu_time"][1:] if round_time.size > 1 else m["root_cpu_time"][()])),
             "received_per_worker_kb": float(np.median(w["bytes_received"][1:] if round_time.size > 1 else w["bytes_received"][()])) / 1e3,
             "rank0_peak_mib": float(m["peak_memory"][-1]) / MIB,
             "worker_peak_mean_mib": float(w["peak_memory"][-1].mean()) / MIB,
