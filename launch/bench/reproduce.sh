@@ -88,5 +88,13 @@ elfish-mpi bench --config $CFG -n 5 --strategies fedavg,elfish --seeds 0,1 --fle
     --set data.test_samples=0 --set train.local_steps=30 --out "$OUT/10-eval-full"
 elfish-mpi bench --config $CFG -n 5 --strategies fedavg,elfish --seeds 0,1 --fleets quickstart --set run.rounds=8 \
     --out "$OUT/10-eval-2000"
-[ -e "$OUT/10-ranks" ] || python "$(dirname "$0")/ranks.py" --ranks 5,17,33 --out "$OUT/10-ranks" \
+[ -e "$OUT/10-ranks" ] || python "$(dirname "$0")/ranks.py" --ranks 5,9,17,33 --out "$OUT/10-ranks" \
+    --set run.rounds=4 --set strategy.profile=quick
+[ -e "$OUT/10-ranks-65" ] || python "$(dirname "$0")/ranks.py" --ranks 65 --out "$OUT/10-ranks-65" \
     --set run.rounds=3 --set strategy.profile=quick
+[ -e "$OUT/10-ranks-alexnet" ] || python "$(dirname "$0")/ranks.py" --ranks 5,9,17 --out "$OUT/10-ranks-alexnet" \
+    --set run.rounds=4 --set strategy.profile=quick --set model.name=alexnet --set data.name=cifar10 --set train.local_steps=5
+
+# 11. Checkpoint size with a long mask history, format_version 2 against 1.
+step "11. checkpoint size"
+python "$(dirname "$0")/checkpoint_size.py" | tee "$OUT/11-checkpoint-size.md"
