@@ -198,30 +198,52 @@ class Aggregator:
     def evaluate(self, rnd: int, broadcast: bool) -> None:
         """Round ``rnd``'s accuracy and loss, from every rank's test chunks: rank 0's here, the
         workers' as they send them. With ``broadcast``, the model first goes to the workers in an
-        evaluation-only plan (when they take part); otherwise it went with the next round's plan."""
+        evaluation-only plan (when they take part); otherwise it went with the next round's plan.
+        When a worker fails meanwhile, rank 0 evaluates every chunk itself (it holds the whole
+        test set), so the round's figures are recorded all the same, and the failure goes on."""
         cfg = self.cfg
         t_eval = time.perf_counter()
-        if broadcast:
-            capacity = self.workers["capacity"][-1]
-            k0, ranges = self.eval_split.split(capacity, overlapped=False)
-            if k0 < self.eval_split.k:
-                self.comm.bcast_obj(Plan.evaluate_only(rnd, ranges), timeout=cfg.run.round_timeout, what=EVAL_BCAST)
-                self.comm.bcast_array(self.flat, cfg.run.round_timeout, what=EVAL_BCAST)
-        else:
-            k0, ranges = self.eval_plan if self.eval_plan is not None else (self.eval_split.k, ())
-        per_chunk = np.zeros((self.eval_split.k, 2), dtype=np.float64)
-        t_root = time.perf_counter()
-        if k0 > 0:
-            a, b = image_range(self.test_images, (0, k0))
-            load_flat(self.model, self.flat)
-            per_chunk[:k0] = evaluate_chunks(self.model, self.x_test[a:b], self.y_test[a:b])
-        t_root = time.perf_counter() - t_root
-        bufs = {w: eval_buffer(r[1] - r[0]) for w, r in enumerate(ranges) if r[1] > r[0]}
-        self.comm.recv_evals(bufs, cfg.run.round_timeout)
+        try:
+            if broadcast:
+                capacity = self.workers["capacity"][-1]
+                k0, ranges = self.eval_split.split(capacity, overlapped=False)
+                if k0 < self.eval_split.k:
+                    self.comm.bcast_obj(Plan.evaluate_only(rnd, ranges), timeout=cfg.run.round_timeout, what=EVAL_BCAST)
+                    self.comm.bcast_array(self.flat, cfg.run.round_timeout, what=EVAL_BCAST)
+            else:
+                k0, ranges = self.eval_plan if self.eval_plan is not None else (self.eval_split.k, ())
+            per_chunk = np.zeros((self.eval_split.k, 2), dtype=np.float64)
+            t_root = [0.0]
+
+            def own_share() -> None:  # while the workers' results are on their way
+                t = time.perf_counter()
+                if k0 > 0:
+                    per_chunk[:k0] = self.evaluate_chunk_range(0, k0)
+                t_root[0] = time.perf_counter() - t
+
+            bufs = {w: eval_buffer(r[1] - r[0]) for w, r in enumerate(ranges) if r[1] > r[0]}
+            self.comm.recv_evals(bufs, cfg.run.round_timeout, meanwhile=own_share)
+        except (RoundTimeout, RankFailure):
+            self.evaluate_alone(t_eval)
+            raise
         for w, buf in bufs.items():
             per_chunk[ranges[w][0] : ranges[w][1]] = buf[1:]
             self.workers["eval_time"][-1][w] = float(buf[0, 0])
-        self.eval_split.observe(k0, t_root, self.eval_split.k - k0, max((float(b[0, 0]) for b in bufs.values()), default=0.0))
+        self.eval_split.observe(k0, t_root[0], self.eval_split.k - k0, max((float(b[0, 0]) for b in bufs.values()), default=0.0))
+        self.record_evaluation(per_chunk, t_eval, k0, t_root[0])
+
+    def evaluate_chunk_range(self, first: int, stop: int) -> np.ndarray:
+        a, b = image_range(self.test_images, (first, stop))
+        load_flat(self.model, self.flat)
+        return evaluate_chunks(self.model, self.x_test[a:b], self.y_test[a:b])
+
+    def evaluate_alone(self, t_eval: float) -> None:
+        """Every chunk on rank 0 (the same figures, bit for bit): when a worker has failed."""
+        t = time.perf_counter()
+        per_chunk = self.evaluate_chunk_range(0, self.eval_split.k)
+        self.record_evaluation(per_chunk, t_eval, self.eval_split.k, time.perf_counter() - t)
+
+    def record_evaluation(self, per_chunk: np.ndarray, t_eval: float, k0: int, t_root: float) -> None:
         acc, loss = combine(per_chunk, self.test_images)
         self.metrics["test_accuracy"][-1], self.metrics["test_loss"][-1] = acc, loss
         self.metrics["eval_time"][-1] = time.perf_counter() - t_eval
@@ -239,7 +261,7 @@ class Aggregator:
         try:
             if self.due(rnd):
                 self.evaluate(rnd, broadcast)
-        except (RoundTimeout, RankFailure) as exc:  # the round's checkpoint (not evaluated) still counts
+        except (RoundTimeout, RankFailure) as exc:  # the round's checkpoint (evaluated by rank 0) still counts
             self.save(rnd)
             raise type(exc)(f"round {rnd}: evaluation: {exc}") from None
         self.report(rnd, self.metrics["test_accuracy"][-1], round_time, keep, stats)
@@ -248,12 +270,14 @@ class Aggregator:
 
     def save_pending(self) -> None:
         """Before the job ends on a failed round: the previous round's checkpoint, if its
-        overlapped write had not happened yet (the model is still that round's; not
-        evaluated: the workers that hold the test set's other shares do not answer)."""
+        overlapped write had not happened yet (the model is still that round's; evaluated, when
+        due, by rank 0 alone: the workers do not answer)."""
         if self.pending is not None:
             rnd = self.pending[0]
             self.pending = None
             try:
+                if self.due(rnd):
+                    self.evaluate_alone(time.perf_counter())
                 self.save(rnd)
             except Exception as exc:  # the failure being reported matters more
                 print(f"elfish-mpi: could not write the pending checkpoint: {exc}", file=sys.stderr, flush=True)
@@ -296,8 +320,8 @@ class Aggregator:
             "train_loss": float(np.average(stats["train_loss"], weights=stats["num_samples"])),
             "updates_accepted": int(accepted.sum()),
             "eval_time": 0.0,
-            "eval_root_share": 0.0,
-            "eval_root_time": 0.0,
+            "eval_root_share": float("nan"),  # filled in where evaluated
+            "eval_root_time": float("nan"),
             "checkpoint_time": 0.0,
             "peak_memory": peak_memory(),
             "root_busy_time": self.root_busy,
@@ -379,9 +403,10 @@ class Aggregator:
             return
         rt = np.asarray(m["round_time"][self.start_round :] or m["round_time"])
         acc = [a for a in m["test_accuracy"] if np.isfinite(a)]
+        final = f"{acc[-1]:.2%}" if acc else "not evaluated"
         keep = np.asarray(self.workers["keep_ratio"])
         print(
-            f"done: {m['round'][-1]} rounds, final accuracy {acc[-1]:.2%}, median round time {np.median(rt):.3f}s, "
+            f"done: {m['round'][-1]} rounds, final accuracy {final}, median round time {np.median(rt):.3f}s, "
             f"mean keep ratio per worker [{' '.join(f'{k:.2f}' for k in keep.mean(axis=0))}], "
             f"checkpoint {self.out / 'checkpoint.h5'}",
             flush=True,

@@ -246,10 +246,14 @@ class Comm:
         """A worker's evaluation result (protocol.eval_buffer) to rank 0."""
         self.wait(self.comm.Isend(np.ascontiguousarray(buf, dtype=np.float64), dest=0, tag=TAG_EVAL))
 
-    def recv_evals(self, bufs: dict[int, np.ndarray], timeout: float) -> None:
+    def recv_evals(self, bufs: dict[int, np.ndarray], timeout: float, meanwhile=None) -> None:
         """Rank 0: worker ``w``'s evaluation result into ``bufs[w]`` (from rank w + 1), for
-        every ``w`` given; RoundTimeout naming the ranks still missing after ``timeout``."""
+        every ``w`` given; RoundTimeout naming the ranks still missing after ``timeout``. The
+        receives are posted first, then ``meanwhile()`` runs (rank 0's own share), so that
+        no worker's send waits for rank 0 however large its result."""
         reqs = [self.comm.Irecv(buf, source=w + 1, tag=TAG_EVAL) for w, buf in bufs.items()]
+        if meanwhile is not None:
+            meanwhile()
         self._wait_all(reqs, [w + 1 for w in bufs], timeout, "evaluation result")
 
     def recv_stats(self, num_workers: int, stats_len: int, timeout: float) -> np.ndarray:

@@ -85,7 +85,7 @@ class RunConfig:
         "Which ranks evaluate the global model: all (rank 0 evaluates the test chunks it can while the "
         "workers train, the workers the rest before they train, in proportion to capacity; the split "
         "follows the measured rates, recorded in /metrics/eval_root_share), or root (rank 0 alone). "
-        "The figures are the same bit for bit either way.",
+        "The figures are the same bit for bit either way (on ranks with the same CPU and torch build).",
         "all",
     )
 

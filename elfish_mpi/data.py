@@ -800,14 +800,9 @@ def load_worker_data(
     return src.take(idx)
 
 
-def load_test_data(name: str, path: str = "", max_samples: int = 0, start: int = 0, stop: int | None = None) -> Split:
-    """The test split; only its first `max_samples` samples when that is > 0, and of those
-    only ``[start, stop)`` when given (a rank's share of the evaluation)."""
+def load_test_data(name: str, path: str = "", max_samples: int = 0) -> Split:
+    """The test split; only its first `max_samples` samples when that is > 0."""
     src = _open_source(name, path, "test")
-    n = src.labels.shape[0]
     if max_samples and max_samples > 0:
-        n = min(int(max_samples), n)
-    stop = n if stop is None else min(int(stop), n)
-    if start == 0 and stop == src.labels.shape[0]:
-        return src.take(None)
-    return src.take(np.arange(min(int(start), stop), stop))
+        return src.take(np.arange(min(int(max_samples), src.labels.shape[0])))
+    return src.take(None)

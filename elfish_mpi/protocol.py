@@ -12,8 +12,9 @@ Declared once here and imported by both sides (aggregator.py, worker.py, perf.py
 4. when it trains, each worker sends back one :data:`UPDATE` record (a numpy structured
    dtype of float64 fields, sent as its raw buffer) and its update (transport.py).
 
-A plan that only evaluates (``train`` false: after the last round, or every evaluated round
-with ``run.overlap_eval = false``) has steps 3 alone.
+A plan that only evaluates (``train`` false: after the last round, before a stop, or every
+evaluated round with ``run.overlap_eval = false``) is followed by the model's broadcast and
+step 3, no masks and no training.
 """
 from __future__ import annotations
 
@@ -43,10 +44,13 @@ UPDATE = np.dtype([
 
 
 def peak_memory() -> float:
-    """Bytes: the most resident memory this process has held so far (Linux ru_maxrss, KiB)."""
+    """Bytes: the most resident memory this process has held so far (ru_maxrss: KiB on Linux,
+    bytes on macOS)."""
     import resource
+    import sys
 
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
+    peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024.0
 UPDATE_FIELDS = len(UPDATE.names)
 
 

@@ -89,8 +89,13 @@ class Worker:
         self.flat = np.empty(num_params(spec), dtype=np.float32)
         # the test set, for the chunks of it rank 0 asks this worker to evaluate (evaluation.py)
         self.test = self.eval_model = None
-        if cfg.run.eval_on == "all":
+        if cfg.run.eval_on == "all":  # (the whole test set as uint8: rank 0 may ask for any chunk)
             self.test = datamod.load_test_data(d.name, setup["data_path"], d.test_samples)
+            if len(self.test.labels) != setup["test_images"]:
+                raise datamod.DataError(
+                    f"{setup['data_path']}: this rank's test set has {len(self.test.labels)} images, "
+                    f"rank 0's {setup['test_images']} (is the data set the same on every node?)"
+                )
             self.eval_model = MaskableCNN(spec)
         self.inject_nan = parse_fault(os.environ.get("ELFISH_FAULT_NAN", ""))
         local = [r - 1 for r, h in enumerate(hosts) if r > 0 and h == hosts[comm.rank]]  # workers on this node
@@ -198,14 +203,14 @@ class Worker:
                 if plan.train:
                     self.comm.bcast_array(masks)
                 self.comm.bcast_array(self.flat)
+                task = plan.task(self.index) if plan.train else None
+                if task is not None and task.capacity != self.throttle.capacity:  # (before evaluating: rank 0 split by it)
+                    self.throttle.set_capacity(task.capacity, capacities=list(plan.capacity))
                 chunks = plan.eval_chunks[self.index] if plan.evaluate else (0, 0)
                 if chunks[1] > chunks[0]:
                     self.comm.send_eval(self.evaluate_share(chunks))
-                if not plan.train:
+                if task is None:
                     continue
-                task = plan.task(self.index)
-                if task.capacity != self.throttle.capacity:
-                    self.throttle.set_capacity(task.capacity, capacities=list(plan.capacity))
                 record, data = self.train_round(plan.round, unpack_masks(self.spec, masks, self.index), task,
                                                 received=self.comm.received - received)
                 received = self.comm.received

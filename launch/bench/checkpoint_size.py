@@ -6,7 +6,8 @@ sorted int32 indices), which this version still reads (docs/benchmarks.md, secti
 
 LeNet's three maskable layers, keep ratios drawn from 1, 0.5, 0.25 per worker and layer, random
 masks; the same Checkpoint written by checkpoint.write and by the writer of version 1, taken
-from the repository's history (commit 40e93c9, the last that wrote version 1).
+from the repository's history (commit 40e93c9, the last that wrote version 1: run it in a
+git checkout).
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ def version_1_writer():
     root = Path(__file__).resolve().parents[2]
     text = subprocess.run(["git", "show", f"{V1_COMMIT}:elfish_mpi/checkpoint.py"], cwd=root, check=True,
                           capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "checkpoint_v1.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("checkpoint_v1", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["checkpoint_v1"] = module  # (dataclasses look their module up)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "checkpoint_v1.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location("checkpoint_v1", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["checkpoint_v1"] = module  # (dataclasses look their module up)
+        spec.loader.exec_module(module)
     assert module.FORMAT_VERSION == 1
     return module
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,11 +48,14 @@ def run(n: int, out: Path, sets: list[str], timeout: float) -> dict:
     t0 = time.perf_counter()
     started = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) as proc:
+        watchdog = threading.Timer(timeout, proc.terminate)  # (mpiexec passes SIGTERM on to the ranks)
+        watchdog.start()
         for line in proc.stdout:
             if started is None and line.startswith("elfish-mpi: ") and " workers, capacities " in line:
                 started = time.perf_counter() - t0  # every rank is set up (before profiling)
             print(f"  [{n} ranks] {line.rstrip()}", flush=True)
-        proc.wait(timeout=timeout)
+        proc.wait()
+        watchdog.cancel()
     total = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"ranks.py: the job of {n} ranks failed (exit {proc.returncode}); see its output above")

@@ -58,7 +58,8 @@ OPENMPI_MPIEXEC = shutil.which("mpiexec.openmpi")
 # Runs `elfish-mpi train` with worker rank RANK failing so that it never delivers its update of
 # round ROUND: "training" stops it (SIGSTOP) in round ROUND after it received the model;
 # "between-rounds" stops it right after it sent its update of round ROUND - 1, before round
-# ROUND's plan arrives; "die-sending" posts its update of round ROUND and dies (SIGKILL)
+# ROUND's plan arrives; "evaluating" stops it before it sends its share of the evaluation of
+# round ROUND - 1's model (which came with round ROUND's plan); "die-sending" posts its update of round ROUND and dies (SIGKILL)
 # before the transfer completes. The signal lands at the same point every time, which a signal
 # sent from outside at a chosen moment cannot promise.
 STALL_SHIM = """
@@ -71,6 +72,7 @@ from elfish_mpi import comm as _comm, worker as _worker
 from elfish_mpi.cli import main
 RANK, ROUND, WHERE = {rank}, {round}, {where!r}
 _train, _send, _bcast = _worker.Worker.train_round, _comm.Comm.send_update, _comm.Comm.bcast_obj
+_send_eval = _comm.Comm.send_eval
 _sent = [0]
 
 def train_round(self, rnd, kept, *args, **kwargs):
@@ -91,8 +93,14 @@ def bcast_obj(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGSTOP)
     return _bcast(self, *args, **kwargs)
 
+def send_eval(self, buf):
+    if WHERE == "evaluating" and self.rank == RANK and _sent[0] == ROUND - 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    _send_eval(self, buf)
+
 _worker.Worker.train_round = train_round
 _comm.Comm.send_update = send_update
+_comm.Comm.send_eval = send_eval
 _comm.Comm.bcast_obj = bcast_obj
 sys.exit(main(sys.argv[1:]))
 """
@@ -476,3 +484,38 @@ def test_sigterm_to_every_rank_stops_with_checkpoint_and_resume_is_bitwise_ident
     assert list(got) == list(want) and len(want) == 8  # LeNet: 4 layers' weights and biases
     for key in want:
         assert got[key].dtype == want[key].dtype and got[key].tobytes() == want[key].tobytes(), key
+
+
+def test_worker_stalled_while_evaluating_costs_no_figure(tmp_path, jobs):
+    # Prepare / Execute: 300 test images are 3 chunks; the first evaluation (round 1's model,
+    # sent with round 2's plan) is split by capacity, one chunk each to rank 0 and both
+    # workers; worker rank 2 stops before sending its result
+    out = tmp_path / "run"
+    job = Job(tmp_path, 3, job_args(out, 200, "--set", "run.round_timeout=3", "--set", "data.test_samples=300"),
+              shim=STALL_SHIM.format(rank=2, round=2, where="evaluating"))
+    jobs.append(job)
+    victim = job.ranks()[2]
+    job.wait_for("worker rank 2 to stop", lambda: stopped(victim), timeout=JOB_TIMEOUT)
+    try:
+        job.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    # Assert: the job ends naming the rank, and round 1's checkpoint holds round 1's figures,
+    # which rank 0 computed alone: the same as a one-process evaluation of its model
+    assert job.proc.poll() is not None and job.proc.returncode != 0, job.stderr[-2000:]
+    assert "round 1: evaluation: no evaluation result from worker rank(s) 2 within run.round_timeout = 3 s" in job.stderr, job.stderr
+    assert all_gone(job.pids.values()), "a rank outlived the job"
+    ck = ckptmod.validate(out / "checkpoint.h5")
+    assert ck.round == 1 and ck.metrics["eval_root_share"][0] == 1.0
+    from elfish_mpi import data as datamod
+    from elfish_mpi.evaluation import evaluate
+    from elfish_mpi.models import MaskableCNN, lenet
+    from elfish_mpi.submodel import flat_from_state_dict, load_flat
+    import torch
+
+    model = MaskableCNN(lenet())
+    load_flat(model, flat_from_state_dict(lenet(), ck.model))
+    test = datamod.load_test_data("fashion-mnist", str(SAMPLE), 300)
+    torch.set_num_threads(1)
+    here = evaluate(model, torch.from_numpy(datamod.normalize(test.images)), torch.from_numpy(test.labels))
+    assert here == (ck.metrics["test_accuracy"][0], ck.metrics["test_loss"][0])

@@ -170,3 +170,39 @@ def test_a_directory_with_only_history_files_is_not_reused(two_runs, tmp_path):
     assert fresh.returncode == 2 and "already holds a checkpoint" in fresh.stderr
     assert resumed.returncode == 2 and "holds another run's checkpoint" in resumed.stderr
     assert snapshot(history_only) == before
+
+
+NEW_METRICS = ("eval_root_share", "eval_root_time", "root_busy_time", "root_cpu_time", "peak_memory")
+NEW_WORKERS = ("eval_time", "peak_memory", "bytes_received")
+
+
+def test_a_checkpoint_from_before_the_spread_evaluation_resumes(tmp_path):
+    # Prepare: a 2-round run, made to look like one written before these records and before
+    # format_version 2 (masks a group a round and worker)
+    out = tmp_path / "run"
+    assert launch(3, *tiny(out, 2)).returncode == 0
+    path = out / "checkpoint.h5"
+    with h5py.File(path, "r") as f:
+        before = {(r, w, layer): kept_neurons(f, r, w, layer) for r in (1, 2) for w in range(2) for layer in ("conv1", "conv2", "fc1")}
+    with h5py.File(path, "r+") as f:
+        for name in NEW_METRICS:
+            del f[f"metrics/{name}"]
+        for name in NEW_WORKERS:
+            del f[f"workers/{name}"]
+        del f["masks"]
+        for (r, w, layer), kept in before.items():
+            f.create_dataset(f"masks/round_{r:06d}/worker_{w:02d}/{layer}", data=kept)
+        f.attrs["format_version"] = np.int64(1)
+    # Execute
+    res = launch(3, *tiny(out, 3), "--resume", str(out))
+    # Assert: the new records are NaN where the older run had none, measured after
+    assert res.returncode == 0, res.stderr
+    with h5py.File(path, "r") as f:
+        assert int(f.attrs["format_version"]) == 2 and int(f.attrs["round"]) == 3
+        for group, names in (("metrics", NEW_METRICS), ("workers", NEW_WORKERS)):
+            for name in names:
+                arr = f[f"{group}/{name}"][()]
+                assert arr.shape[0] == 3 and np.all(np.isnan(arr[:2])) and np.all(np.isfinite(arr[2])), (name, arr)
+        for (r, w, layer), kept in before.items():  # the older rounds' masks, now packed
+            np.testing.assert_array_equal(kept_neurons(f, r, w, layer), kept)
+        assert kept_neurons(f, 3, 1, "conv2").size > 0
