@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckptmod
-from . import profiling, signals, supervisor
+from . import profiling, provenance, signals, supervisor
 from .evaluation import EvalSplit, combine, evaluate_chunks, image_range, num_chunks
 from .comm import Comm, RankFailure, RoundTimeout
 from .fleet import load_trace
@@ -267,6 +267,8 @@ class Aggregator:
         self.report(rnd, self.metrics["test_accuracy"][-1], round_time, keep, stats)
         if rnd % cfg.checkpoint.every == 0 or rnd == cfg.run.rounds or stopping:
             self.save(rnd)
+        else:
+            self.write_csv()  # every round, so that a long job can be followed (tail -f metrics.csv)
 
     def save_pending(self) -> None:
         """Before the job ends on a failed round: the previous round's checkpoint, if its
@@ -378,7 +380,8 @@ class Aggregator:
             coverage=self.coverage,
             profiles=self.profiles,
             state=state,
-            attrs={"num_workers": self.num_workers, "model": self.spec.name, "maskable_layers": ",".join(self.spec.maskable)},
+            attrs={"num_workers": self.num_workers, "model": self.spec.name, "maskable_layers": ",".join(self.spec.maskable),
+                   **provenance.as_attrs(self.setup.get("provenance", {}))},
         )
 
     def save(self, rnd: int) -> None:

@@ -836,6 +836,16 @@ def summary(ckpt: Checkpoint) -> str:
     else:
         n_workers = next((np.asarray(a).shape[1] for a in ckpt.workers.values() if np.asarray(a).ndim == 2), 0)
         lines.append(f"workers: {n_workers}, keep ratio not recorded")
+    made = {k[len("provenance_"):]: v for k, v in ckpt.attrs.items() if k.startswith("provenance_")}
+    if made:
+        program = f"elfish-mpi {made.get('program', '?')}" + (f" (git {made['git_commit']})" if made.get("git_commit") else "")
+        lines.append(f"written by: {program}; Python {made.get('python', '?')}, torch {made.get('torch', '?')}, "
+                     f"numpy {made.get('numpy', '?')}, h5py {made.get('h5py', '?')}, mpi4py {made.get('mpi4py', '?')}")
+        lines.append(f"MPI: {made.get('mpi_library', '?')}; {made.get('world_size', '?')} ranks on {made.get('hostnames', '?')}"
+                     + (f"; job {made['job_id']}" if made.get("job_id") else ""))
+        lines.append(f"command: {made.get('command_line', '?')}")
+    else:
+        lines.append("written by: not recorded (a checkpoint from before elfish-mpi recorded it)")
     return "\n".join(lines)
 
 

@@ -58,6 +58,7 @@ def parse_or_report(parser: argparse.ArgumentParser, argv: list[str], prog: str,
 
 def build_parser() -> argparse.ArgumentParser:
     p = MPIParser(prog="elfish-mpi", description="ELFISH resource-aware federated learning on heterogeneous workers, over MPI.")
+    p.add_argument("--version", action="store_true", help="print the program's version (and git commit) and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     keys = Config.describe()
     t = sub.add_parser(
@@ -369,7 +370,11 @@ def run_job(comm, setup: dict) -> int:
             x = torch.from_numpy(datamod.normalize(test.images))
             y = torch.from_numpy(test.labels.astype("int64"))
             del test
-            role = Aggregator(comm, cfg, spec, dict(setup, resume_ckpt=setup["_ckpt"]), (x, y))
+            from . import provenance
+            from .comm import library_version
+
+            made_by = provenance.collect(comm.size, hosts, library_version())
+            role = Aggregator(comm, cfg, spec, dict(setup, resume_ckpt=setup["_ckpt"], provenance=made_by), (x, y))
         else:
             role = Worker(comm, cfg, spec, setup, hosts)
     except known_errors() as exc:
@@ -455,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_or_report(parser, argv, "elfish-mpi", under_mpi=argv[:1] == ["train"])
     if args is None:
         return 2
+    if getattr(args, "version", False) and args.command is None:
+        from .provenance import version_line
+
+        print(version_line())
+        return 0
     if args.command is None:
         parser.print_help()
         return 2

@@ -22,6 +22,11 @@ TAG_EVAL = 13
 _POLL = 0.0005
 
 
+def library_version() -> str:
+    """The MPI library's version, its first line (e.g. "MPICH Version: 5.0.2")."""
+    return " ".join(MPI.Get_library_version().splitlines()[0].split())
+
+
 def world_rank() -> int:
     """This process's rank in MPI_COMM_WORLD (0 outside a launcher)."""
     return MPI.COMM_WORLD.Get_rank()

@@ -133,3 +133,28 @@ def test_a_strategy_that_does_not_plan_does_not_profile(tmp_path):
         with h5py.File(tmp_path / name / "checkpoint.h5", "r") as f:
             profiled = "step_time" in f.get("profiles", {})
         assert profiled == (name == "elfish"), name
+
+
+def test_a_checkpoint_says_what_wrote_it(finished_run):
+    # Prepare
+    import socket
+
+    import torch
+    from mpi4py import MPI
+
+    import elfish_mpi
+    # Execute
+    res = subprocess.run([sys.executable, "-m", "elfish_mpi", "inspect", str(finished_run / "checkpoint.h5")],
+                         capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    version = subprocess.run([sys.executable, "-m", "elfish_mpi", "--version"], capture_output=True, text=True,
+                             timeout=TIMEOUT, cwd=ROOT)
+    # Assert
+    with h5py.File(finished_run / "checkpoint.h5", "r") as f:
+        made = {k[len("provenance_"):]: f.attrs[k].decode() for k in f.attrs if k.startswith("provenance_")}
+    assert made["program"] == elfish_mpi.__version__ and made["torch"] == torch.__version__
+    assert made["mpi_library"] == " ".join(MPI.Get_library_version().splitlines()[0].split())
+    assert made["world_size"] == "3" and made["hostnames"] == socket.gethostname()
+    assert " train " in made["command_line"] and str(finished_run) in made["command_line"]
+    assert res.returncode == 0 and f"written by: elfish-mpi {elfish_mpi.__version__}" in res.stdout, res.stdout
+    assert f"MPI: {made['mpi_library']}; 3 ranks on {socket.gethostname()}" in res.stdout, res.stdout
+    assert version.returncode == 0 and version.stdout.startswith(f"elfish-mpi {elfish_mpi.__version__}"), version

@@ -519,3 +519,22 @@ def test_worker_stalled_while_evaluating_costs_no_figure(tmp_path, jobs):
     torch.set_num_threads(1)
     here = evaluate(model, torch.from_numpy(datamod.normalize(test.images)), torch.from_numpy(test.labels))
     assert here == (ck.metrics["test_accuracy"][0], ck.metrics["test_loss"][0])
+
+
+def test_metrics_csv_follows_every_round_between_checkpoints(tmp_path, jobs):
+    # Prepare / Execute: no checkpoint before round 10; worker rank 2 stops while training round 3
+    out = tmp_path / "run"
+    job = Job(tmp_path, 3, job_args(out, 200, "--set", "run.round_timeout=3", "--set", "checkpoint.every=10"),
+              shim=STALL_SHIM.format(rank=2, round=3, where="training"))
+    jobs.append(job)
+    victim = job.ranks()[2]
+    job.wait_for("worker rank 2 to stop", lambda: stopped(victim), timeout=JOB_TIMEOUT)
+    try:
+        job.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    # Assert: no checkpoint was due, yet metrics.csv holds rounds 1 and 2
+    assert job.proc.poll() is not None and job.proc.returncode != 0, job.stderr[-2000:]
+    assert not (out / "checkpoint.h5").exists()
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("round,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2"], rows
