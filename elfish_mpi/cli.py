@@ -1,4 +1,4 @@
-"""Command line: ``elfish-mpi train|inspect|validate|config``. ``main(argv) -> int``.
+"""Command line: ``elfish-mpi train|inspect|evaluate|validate|config`` (and bench, calibrate, perf). ``main(argv) -> int``.
 
 ``train`` runs under MPI (``mpiexec -n N elfish-mpi train ...``): rank 0 aggregates, ranks
 1..N-1 are workers. Rank 0 checks the config, the data and the run directory before any
@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print the metrics as JSON")
     i.add_argument("--masks", type=int, metavar="ROUND", help="print the neurons each worker kept in round ROUND")
+    e = sub.add_parser("evaluate", help="accuracy and loss of a checkpoint's global model on a test set, per class too")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", metavar="NAME", help="data set (default: the run's data.name)")
+    e.add_argument("--data-path", metavar="PATH", help="its file or directory (default: the run's data.path, or the standard places)")
+    e.add_argument("--samples", type=int, metavar="N", help="the first N test images (default: the run's data.test_samples; 0: all)")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
     v = sub.add_parser("validate", help="verify a checkpoint (layout and checksums) without running")
     v.add_argument("checkpoint")
     for name, text in (
@@ -426,6 +432,56 @@ def inspect(args) -> int:
     return 0
 
 
+def evaluate(args) -> int:
+    """The global model of a checkpoint on a test set: the run's own by default (the same
+    images, chunks and figures as the run's evaluation of that round's model)."""
+    import torch
+
+    from . import checkpoint as ckptmod
+    from . import data as datamod
+    from .evaluation import evaluate as evaluate_model, per_class
+    from .models import MaskableCNN, get_spec
+    from .submodel import flat_from_state_dict, layout, load_flat
+
+    ck = ckptmod.read(args.checkpoint, load_masks=False)
+    data = ck.config.get("data", {}) if isinstance(ck.config, dict) else {}
+    name = args.data or data.get("name", "fashion-mnist")
+    path = args.data_path if args.data_path is not None else (data.get("path", "") if not args.data else "")
+    samples = args.samples if args.samples is not None else int(data.get("test_samples", 0))
+    if samples < 0:
+        raise UsageError(f"--samples {samples} must be >= 0")
+    test = datamod.load_test_data(name, str(datamod.resolve_path(name, path)), samples)
+    model_name = ck.attrs.get("model") or ck.config.get("model", {}).get("name", "lenet")
+    try:
+        spec = get_spec(str(model_name), test.num_classes, tuple(int(s) for s in test.images.shape[1:]))
+    except ValueError as exc:
+        raise UsageError(f"{args.checkpoint}: {exc}") from None
+    expect = {k: tuple(s) for k, s, _ in layout(spec)}
+    if {k: tuple(v.shape) for k, v in ck.model.items()} != expect:
+        raise UsageError(f"{args.checkpoint}: its {model_name} does not fit {name}'s images and classes")
+    torch.set_num_threads(1)  # (the run's evaluation ran on one thread a rank: the same sums)
+    model = MaskableCNN(spec)
+    load_flat(model, flat_from_state_dict(spec, ck.model))
+    x = torch.from_numpy(datamod.normalize(test.images))
+    y = torch.from_numpy(test.labels.astype("int64"))
+    acc, loss = evaluate_model(model, x, y)
+    seen, correct = per_class(model, x, y, test.num_classes)
+    result = {
+        "checkpoint": str(args.checkpoint), "round": ck.round, "data": name, "test_images": int(len(y)),
+        "accuracy": acc, "loss": loss,
+        "per_class": [{"class": c, "images": int(seen[c]), "accuracy": float(correct[c] / seen[c]) if seen[c] else None}
+                      for c in range(test.num_classes)],
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.checkpoint}: round {ck.round}, {name}, {len(y)} test images: accuracy {acc:.4f}, loss {loss:.4f}")
+    for row in result["per_class"]:
+        shown = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        print(f"  class {row['class']:3d}: {row['images']:6d} images, accuracy {shown}")
+    return 0
+
+
 def validate(args) -> int:
     from . import checkpoint as ckptmod
 
@@ -475,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
 
             signals.ignore_from_now()
         return code
-    commands = {"inspect": inspect, "validate": validate, "config": show_config}
+    commands = {"inspect": inspect, "evaluate": evaluate, "validate": validate, "config": show_config}
     try:
         return commands[args.command](args)
     except known_errors() as exc:

@@ -124,6 +124,21 @@ def combine(per_chunk: np.ndarray, n: int) -> tuple[float, float]:
     return correct / n, loss / n
 
 
+def per_class(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test images, correct predictions) of each class, in the same chunks."""
+    seen = np.zeros(num_classes, dtype=np.int64)
+    correct = np.zeros(num_classes, dtype=np.int64)
+    model.eval()
+    with torch.inference_mode():
+        for c in range(num_chunks(len(y))):
+            xs, ys = x[c * CHUNK : (c + 1) * CHUNK], y[c * CHUNK : (c + 1) * CHUNK]
+            hit = (model(xs).argmax(1) == ys).numpy()
+            labels = ys.numpy()
+            seen += np.bincount(labels, minlength=num_classes)
+            correct += np.bincount(labels[hit], minlength=num_classes)
+    return seen, correct
+
+
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(accuracy, mean loss) of ``model`` on the whole of ``x``, ``y``: the same chunks, on one rank."""
     return combine(evaluate_chunks(model, x, y), len(y))

@@ -1,4 +1,5 @@
 """The `elfish-mpi train` job launched for real with mpiexec, as a user launches it."""
+import json
 import os
 import shutil
 import subprocess
@@ -158,3 +159,24 @@ def test_a_checkpoint_says_what_wrote_it(finished_run):
     assert res.returncode == 0 and f"written by: elfish-mpi {elfish_mpi.__version__}" in res.stdout, res.stdout
     assert f"MPI: {made['mpi_library']}; 3 ranks on {socket.gethostname()}" in res.stdout, res.stdout
     assert version.returncode == 0 and version.stdout.startswith(f"elfish-mpi {elfish_mpi.__version__}"), version
+
+
+def test_evaluate_gives_the_runs_own_figures_and_per_class(finished_run):
+    # Execute: the run's test set (its config: 200 images), then another size
+    res = subprocess.run([sys.executable, "-m", "elfish_mpi", "evaluate", str(finished_run / "checkpoint.h5"), "--json"],
+                         capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    more = subprocess.run([sys.executable, "-m", "elfish_mpi", "evaluate", str(finished_run / "checkpoint.h5"),
+                           "--samples", "300"], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    bad = subprocess.run([sys.executable, "-m", "elfish_mpi", "evaluate", str(finished_run / "checkpoint.h5"),
+                          "--data", "cifar10"], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    # Assert: bit for bit the accuracy and loss the run recorded for its last round's model
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    with h5py.File(finished_run / "checkpoint.h5", "r") as f:
+        assert (got["accuracy"], got["loss"]) == (f["metrics/test_accuracy"][-1], f["metrics/test_loss"][-1])
+    assert got["test_images"] == 200 and sum(c["images"] for c in got["per_class"]) == 200
+    hits = sum(c["images"] * c["accuracy"] for c in got["per_class"] if c["images"])
+    assert round(hits) == round(got["accuracy"] * 200)
+    assert more.returncode == 0 and "300 test images: accuracy" in more.stdout and more.stdout.count("  class ") == 10
+    # a data set the model does not fit (or, where CIFAR-10 is not installed, one not found): one line, exit 2
+    assert bad.returncode == 2 and bad.stderr.startswith("elfish-mpi: error: ") and "Traceback" not in bad.stderr, bad.stderr
