@@ -16,7 +16,10 @@ setup(
         "tomli>=1.1; python_version<'3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1", "hypothesis>=6", "matplotlib>=3.5", "pillow>=9"],
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1", "hypothesis>=6", "matplotlib>=3.5", "pillow>=9",
+                 "safetensors>=0.4"],
+        # safetensors (Hugging Face's format for tensors: no pickle, memory-mapped) for elfish-mpi export
+        "export": ["safetensors>=0.4"],
         "mpich": ["mpich"],
         "bench": ["matplotlib>=3.5", "pillow>=9"],
         "cifar": ["pillow>=9"],

@@ -1,4 +1,4 @@
-"""Command line: ``elfish-mpi train|inspect|evaluate|validate|config`` (and bench, calibrate, perf). ``main(argv) -> int``.
+"""Command line: ``elfish-mpi train|inspect|evaluate|export|validate|config`` (and bench, calibrate, perf). ``main(argv) -> int``.
 
 ``train`` runs under MPI (``mpiexec -n N elfish-mpi train ...``): rank 0 aggregates, ranks
 1..N-1 are workers. Rank 0 checks the config, the data and the run directory before any
@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-path", metavar="PATH", help="its file or directory (default: the run's data.path, or the standard places)")
     e.add_argument("--samples", type=int, metavar="N", help="the first N test images (default: the run's data.test_samples; 0: all)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
+    x = sub.add_parser("export", help="write a checkpoint's global model (or a slimmer sub-network) as safetensors or a torch state_dict")
+    x.add_argument("checkpoint")
+    x.add_argument("--format", default="safetensors", help="safetensors (default) or pt (a torch state_dict and metadata)")
+    x.add_argument("--out", required=True, help="the file to write")
+    x.add_argument("--keep", type=float, default=1.0, metavar="R", help="a sub-network keeping this share of each "
+                   "maskable layer's neurons (those with the largest incoming weights); default 1: the whole model")
     v = sub.add_parser("validate", help="verify a checkpoint (layout and checksums) without running")
     v.add_argument("checkpoint")
     for name, text in (
@@ -482,6 +488,17 @@ def evaluate(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    from . import export as exportmod
+
+    try:
+        meta = exportmod.write(args.checkpoint, args.out, args.format, args.keep)
+    except exportmod.ExportError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{args.out}: {meta['model']} of round {meta['round']} at keep {meta['keep']} ({args.format}), widths {meta['widths']}")
+    return 0
+
+
 def validate(args) -> int:
     from . import checkpoint as ckptmod
 
@@ -531,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
 
             signals.ignore_from_now()
         return code
-    commands = {"inspect": inspect, "evaluate": evaluate, "validate": validate, "config": show_config}
+    commands = {"inspect": inspect, "evaluate": evaluate, "export": export, "validate": validate, "config": show_config}
     try:
         return commands[args.command](args)
     except known_errors() as exc:

@@ -180,3 +180,49 @@ def test_evaluate_gives_the_runs_own_figures_and_per_class(finished_run):
     assert more.returncode == 0 and "300 test images: accuracy" in more.stdout and more.stdout.count("  class ") == 10
     # a data set the model does not fit (or, where CIFAR-10 is not installed, one not found): one line, exit 2
     assert bad.returncode == 2 and bad.stderr.startswith("elfish-mpi: error: ") and "Traceback" not in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_export_round_trips_whole_and_slim(finished_run, tmp_path, fmt):
+    import torch
+
+    from elfish_mpi import export as exportmod
+    from elfish_mpi.models import MaskableCNN, get_spec
+
+    # Prepare: the checkpoint's own model, and a batch of test images
+    whole, _ = exportmod.model_of(finished_run / "checkpoint.h5")
+    x = torch.randn(16, 1, 28, 28)
+    for keep in (1.0, 0.5):
+        out = tmp_path / f"model-{keep}.{fmt}"
+        # Execute
+        res = subprocess.run([sys.executable, "-m", "elfish_mpi", "export", str(finished_run / "checkpoint.h5"),
+                              "--format", fmt, "--out", str(out), "--keep", str(keep)],
+                             capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+        assert res.returncode == 0, res.stderr
+        # Assert: loaded back into the model class its metadata describes, it computes what the
+        # checkpoint's model (or its sub-network) computes
+        if fmt == "safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            state = load_file(str(out))
+            with safe_open(str(out), "pt") as f:
+                meta = f.metadata()
+        else:
+            saved = torch.load(out, weights_only=True)
+            state, meta = saved["state_dict"], saved["metadata"]
+        spec = get_spec(meta["model"], int(meta["num_classes"]), tuple(json.loads(meta["in_shape"])))
+        model = MaskableCNN(spec, json.loads(meta["widths"]))
+        model.load_state_dict(state)
+        model.eval()
+        ref, _ = exportmod.model_of(finished_run / "checkpoint.h5", keep)
+        with torch.no_grad():
+            assert torch.equal(model(x), ref(x))
+            if keep == 1.0:
+                assert torch.equal(model(x), whole(x)) and meta["round"] == "2"
+            else:
+                assert json.loads(meta["widths"]) == {"conv1": 10, "conv2": 25, "fc1": 250, "fc2": 10}
+    bad = subprocess.run([sys.executable, "-m", "elfish_mpi", "export", str(finished_run / "checkpoint.h5"),
+                          "--format", "onnx2", "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                         timeout=TIMEOUT, cwd=ROOT)
+    assert bad.returncode == 2 and "choose one of safetensors, pt" in bad.stderr and not (tmp_path / "x").exists()

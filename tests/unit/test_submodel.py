@@ -242,3 +242,20 @@ def test_gradient_step_scattered_back_changes_only_kept_positions(spec_name):
     assert outside.any()
     assert new_full[outside].tobytes() == before[outside].tobytes()
     assert np.count_nonzero(new_full[idx] != before[idx]) > idx.size // 2
+
+
+def test_export_keeps_the_neurons_with_the_largest_incoming_weights():
+    from elfish_mpi.export import strongest
+    from elfish_mpi.models import lenet
+
+    # Prepare: conv1's neuron i has incoming weights of L1 norm 4 * |v[i]| (signs mixed)
+    spec = lenet()
+    state = {f"{layer.name}.weight": np.ones((layer.out, 4)) for layer in spec.layers}
+    v = np.array([1, 2, 3, 50, 4, 40, 5, 6, 7, 60, 60, 8, 9, 10, 11, 12, 13, 30, 14, 15], dtype=float)
+    state["conv1.weight"] = np.outer(v, [1, -1, 1, -1])
+    # Execute: keep 0.25 of each layer (conv1: 5 of 20)
+    kept = strongest(spec, state, 0.25)
+    # Assert: the five largest norms (60, 60, 50, 40, 30), sorted by index; whole neurons per layer
+    np.testing.assert_array_equal(kept["conv1"], [3, 5, 9, 10, 17])
+    assert kept["conv2"].size == 13 and kept["fc1"].size == 125 and "fc2" not in kept
+    np.testing.assert_array_equal(kept["conv2"], np.arange(13))  # all equal: the lowest indices

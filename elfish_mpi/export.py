@@ -1,0 +1,112 @@
+"""The global model of a checkpoint, out of elfish-mpi: a safetensors file or a torch state_dict
+(``elfish-mpi export``), whole or as a slimmer sub-network (``--keep R``).
+
+The file carries the model's description as metadata (model name, classes, input shape, the
+width of every layer, the keep ratio, the round and the source checkpoint), which is what
+``models.MaskableCNN(get_spec(name, classes, in_shape), widths)`` needs to load it back.
+
+A sub-network at keep ratio R keeps, in every maskable layer, the ceil(R x width) neurons
+whose incoming weights have the largest L1 norm (the usual magnitude criterion; ties to the
+lower index), gathered exactly as a worker's sub-network is (``submodel.build_submodel``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckptmod
+from .masking import keep_count
+from .models import MaskableCNN, ModelSpec, get_spec
+from .submodel import build_submodel, flat_from_state_dict, load_flat
+
+FORMATS = ("safetensors", "pt")
+
+
+class ExportError(ValueError):
+    """A clear, user-facing reason the export cannot be made."""
+
+
+def strongest(spec: ModelSpec, state: dict, keep: float) -> dict[str, np.ndarray]:
+    """Per maskable layer, the sorted indices of the ceil(keep x width) neurons with the largest
+    L1 norm of their incoming weights."""
+    kept = {}
+    for layer in spec.layers:
+        if not layer.maskable:
+            continue
+        w = np.asarray(state[f"{layer.name}.weight"], dtype=np.float64)
+        norm = np.abs(w.reshape(w.shape[0], -1)).sum(axis=1)
+        k = keep_count(layer.out, keep)
+        order = np.lexsort((np.arange(norm.size), -norm))  # largest first, then lowest index
+        kept[layer.name] = np.sort(order[:k]).astype(np.int32)
+    return kept
+
+
+def model_of(path: str | Path, keep: float = 1.0) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The checkpoint's global model (or its sub-network at ``keep``) and its metadata."""
+    if not 0.0 < keep <= 1.0:
+        raise ExportError(f"--keep {keep:g} must lie in (0, 1]")
+    ck = ckptmod.read(path, load_masks=False)
+    attrs = ck.attrs
+    name = str(attrs.get("model") or ck.config.get("model", {}).get("name", ""))
+    layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in ck.model))  # in state_dict order: the classifier last
+    if not layers:
+        raise ExportError(f"{path}: the checkpoint holds no model")
+    classes = int(np.asarray(ck.model[f"{layers[-1]}.weight"]).shape[0])
+    in_shape = _input_shape(ck)
+    try:
+        spec = get_spec(name, classes, in_shape)
+    except ValueError as exc:
+        raise ExportError(f"{path}: {exc}") from None
+    flat = flat_from_state_dict(spec, ck.model)
+    if keep < 1.0:
+        model, _ = build_submodel(spec, strongest(spec, ck.model, keep), flat)
+    else:
+        model = MaskableCNN(spec)
+        load_flat(model, flat)
+    widths = {layer.name: int(model.widths[layer.name]) for layer in spec.layers}
+    meta = {
+        "format": "elfish-mpi model", "model": name, "num_classes": str(classes), "in_shape": json.dumps(list(in_shape)),
+        "widths": json.dumps(widths), "keep": f"{keep:g}", "round": str(ck.round), "checkpoint": str(path),
+        "program": str(attrs.get("provenance_program", "")),
+    }
+    return model.eval(), meta
+
+
+def _input_shape(ck) -> tuple[int, ...]:
+    """The run's image shape: its data set's, read from one test image where the data is here."""
+    from . import data as datamod
+
+    data = ck.config.get("data", {}) if isinstance(ck.config, dict) else {}
+    name = data.get("name", "fashion-mnist")
+    try:
+        test = datamod.load_test_data(name, str(datamod.resolve_path(name, data.get("path", ""))), 1)
+        return tuple(int(s) for s in test.images.shape[1:])
+    except datamod.DataError:
+        if name in ("fashion-mnist", "mnist", "femnist"):
+            return (1, 28, 28)
+        if name == "cifar10":
+            return (3, 32, 32)
+        raise ExportError(f"the run's data set {name!r} is not here to tell the input shape; export where it is") from None
+
+
+def write(path: str | Path, out: str | Path, fmt: str, keep: float = 1.0) -> dict[str, str]:
+    """Export; returns the metadata written. safetensors needs the ``safetensors`` package."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    model, meta = model_of(path, keep)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if fmt == "safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise ExportError("--format safetensors needs the safetensors package: pip install safetensors") from None
+        save_file(state, str(tmp), metadata=meta)
+    else:
+        torch.save({"state_dict": state, "metadata": meta}, tmp)
+    tmp.replace(out)  # (never a half-written file where the user asked for one)
+    return meta
