@@ -176,26 +176,26 @@ def test_reduce_transport_trains_the_model_the_gather_transport_trains():
 
 def spy_on_round_steps(monkeypatch) -> list[str]:
     """What rank 0 does, in order: "plan R" (round R starts: its plan goes to the workers),
-    "send R" (round R's model goes to the workers in an evaluation-only plan), "evaluate"
-    (rank 0 evaluates its share of the test set) and "checkpoint R" (round R's file written)."""
+    "evaluate R" (rank 0 starts the evaluation of round R's model), "send R" (round R's model
+    goes to the workers in an evaluation-only plan) and "checkpoint R" (round R's file written)."""
     events: list[str] = []
-    bcast_obj, evaluate, rotate = Comm.bcast_obj, aggregator.evaluate_chunks, checkpoint.rotate
+    bcast_obj, evaluate, rotate = Comm.bcast_obj, aggregator.Aggregator.evaluate, checkpoint.rotate
 
     def spy_bcast_obj(self, obj, *args, **kwargs):
         if getattr(obj, "round", 0) and not getattr(obj, "stop", False):  # a round's plan (not set-up, not stop)
             events.append(f"plan {obj.round}" if obj.train else f"send {obj.evaluate}")
         return bcast_obj(self, obj, *args, **kwargs)
 
-    def spy_evaluate(*args, **kwargs):
-        events.append("evaluate")
-        return evaluate(*args, **kwargs)
+    def spy_evaluate(self, rnd, *args, **kwargs):
+        events.append(f"evaluate {rnd}")
+        return evaluate(self, rnd, *args, **kwargs)
 
     def spy_rotate(run_dir, ck, *args, **kwargs):
         events.append(f"checkpoint {ck.round}")
         return rotate(run_dir, ck, *args, **kwargs)
 
     monkeypatch.setattr(Comm, "bcast_obj", spy_bcast_obj)
-    monkeypatch.setattr(aggregator, "evaluate_chunks", spy_evaluate)
+    monkeypatch.setattr(aggregator.Aggregator, "evaluate", spy_evaluate)
     monkeypatch.setattr(checkpoint, "rotate", spy_rotate)
     return events
 
@@ -224,17 +224,18 @@ def test_where_and_when_the_model_is_evaluated_changes_no_result(monkeypatch):
     # Overlapped: round r is evaluated and written while the workers train round r + 1 (its
     # plan carried round r's model, which the workers given test chunks evaluate first);
     # in-line: before round r + 1 starts. The last round is finished at once either way; where
-    # workers take part, the model goes to them first in an evaluation-only plan ("send R",
-    # right before rank 0's own share: whether they take part follows the measured rates).
-    overlapped = ["plan 1", "plan 2", "evaluate", "checkpoint 1", "plan 3", "evaluate", "checkpoint 2",
-                  "evaluate", "checkpoint 3"]
-    in_line = ["plan 1", "evaluate", "checkpoint 1", "plan 2", "evaluate", "checkpoint 2",
-               "plan 3", "evaluate", "checkpoint 3"]
+    # workers take part, the model goes to them in an evaluation-only plan ("send R", first
+    # thing in the evaluation: whether they take part follows the measured rates).
+    overlapped = ["plan 1", "plan 2", "evaluate 1", "checkpoint 1", "plan 3", "evaluate 2", "checkpoint 2",
+                  "evaluate 3", "checkpoint 3"]
+    in_line = ["plan 1", "evaluate 1", "checkpoint 1", "plan 2", "evaluate 2", "checkpoint 2",
+               "plan 3", "evaluate 3", "checkpoint 3"]
     for name, expected in (("overlapped", overlapped), ("in-line", in_line), ("rank 0 alone", overlapped)):
         assert [e for e in seen[name] if not e.startswith("send")] == expected, (name, seen[name])
         for i, e in enumerate(seen[name]):
             if e.startswith("send"):
-                assert seen[name][i + 1] == "evaluate" and (name == "in-line" or e == "send 3"), (name, seen[name])
+                rnd = e.split()[1]
+                assert seen[name][i - 1] == f"evaluate {rnd}" and (name == "in-line" or rnd == "3"), (name, seen[name])
     assert "send 1" in seen["in-line"]  # the first evaluation is split by capacity: the workers take part
     assert not any(e.startswith("send") for e in seen["rank 0 alone"])
     # Every round's checkpoint holds the same model, masks and results, bit for bit.
