@@ -303,12 +303,13 @@ def stopped(pid: int) -> bool:
         return False
 
 
-def run_stalled(tmp_path: Path, jobs: list, where: str, timeout: int = 3) -> tuple[Job, float]:
-    """A job whose worker rank 2 stops itself in round 3 at ``where``; returns it once ended
-    (or once it outlived timeout + 12 s) and how long that took after the stop."""
+def run_stalled(tmp_path: Path, jobs: list, where: str, timeout: int = 3, rnd: int = 3,
+                extra: tuple[str, ...] = ()) -> tuple[Job, float]:
+    """A job whose worker rank 2 stops itself in round ``rnd`` at ``where``; returns it once
+    ended (or once it outlived timeout + 12 s) and how long that took after the stop."""
     out = tmp_path / "run"
-    job = Job(tmp_path, 3, job_args(out, 200, "--set", f"run.round_timeout={timeout}"),
-              shim=STALL_SHIM.format(rank=2, round=3, where=where))
+    job = Job(tmp_path, 3, job_args(out, 200, "--set", f"run.round_timeout={timeout}", *extra),
+              shim=STALL_SHIM.format(rank=2, round=rnd, where=where))
     jobs.append(job)
     victim = job.ranks()[2]
     job.wait_for("worker rank 2 to stop", lambda: stopped(victim), timeout=JOB_TIMEOUT)
@@ -491,15 +492,7 @@ def test_worker_stalled_while_evaluating_costs_no_figure(tmp_path, jobs):
     # sent with round 2's plan) is split by capacity, one chunk each to rank 0 and both
     # workers; worker rank 2 stops before sending its result
     out = tmp_path / "run"
-    job = Job(tmp_path, 3, job_args(out, 200, "--set", "run.round_timeout=3", "--set", "data.test_samples=300"),
-              shim=STALL_SHIM.format(rank=2, round=2, where="evaluating"))
-    jobs.append(job)
-    victim = job.ranks()[2]
-    job.wait_for("worker rank 2 to stop", lambda: stopped(victim), timeout=JOB_TIMEOUT)
-    try:
-        job.proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pass
+    job, _ = run_stalled(tmp_path, jobs, "evaluating", rnd=2, extra=("--set", "data.test_samples=300"))
     # Assert: the job ends naming the rank, and round 1's checkpoint holds round 1's figures,
     # which rank 0 computed alone: the same as a one-process evaluation of its model
     assert job.proc.poll() is not None and job.proc.returncode != 0, job.stderr[-2000:]
@@ -524,15 +517,7 @@ def test_worker_stalled_while_evaluating_costs_no_figure(tmp_path, jobs):
 def test_metrics_csv_follows_every_round_between_checkpoints(tmp_path, jobs):
     # Prepare / Execute: no checkpoint before round 10; worker rank 2 stops while training round 3
     out = tmp_path / "run"
-    job = Job(tmp_path, 3, job_args(out, 200, "--set", "run.round_timeout=3", "--set", "checkpoint.every=10"),
-              shim=STALL_SHIM.format(rank=2, round=3, where="training"))
-    jobs.append(job)
-    victim = job.ranks()[2]
-    job.wait_for("worker rank 2 to stop", lambda: stopped(victim), timeout=JOB_TIMEOUT)
-    try:
-        job.proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pass
+    job, _ = run_stalled(tmp_path, jobs, "training", extra=("--set", "checkpoint.every=10"))
     # Assert: no checkpoint was due, yet metrics.csv holds rounds 1 and 2
     assert job.proc.poll() is not None and job.proc.returncode != 0, job.stderr[-2000:]
     assert not (out / "checkpoint.h5").exists()
