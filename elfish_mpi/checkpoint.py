@@ -836,7 +836,9 @@ def summary(ckpt: Checkpoint) -> str:
     else:
         n_workers = next((np.asarray(a).shape[1] for a in ckpt.workers.values() if np.asarray(a).ndim == 2), 0)
         lines.append(f"workers: {n_workers}, keep ratio not recorded")
-    made = {k[len("provenance_"):]: v for k, v in ckpt.attrs.items() if k.startswith("provenance_")}
+    from .provenance import from_attrs
+
+    made = from_attrs(ckpt.attrs)
     if made:
         program = f"elfish-mpi {made.get('program', '?')}" + (f" (git {made['git_commit']})" if made.get("git_commit") else "")
         lines.append(f"written by: {program}; Python {made.get('python', '?')}, torch {made.get('torch', '?')}, "

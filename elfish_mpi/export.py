@@ -20,6 +20,7 @@ import torch
 from . import checkpoint as ckptmod
 from .masking import keep_count
 from .models import MaskableCNN, ModelSpec, get_spec
+from .provenance import from_attrs
 from .submodel import build_submodel, flat_from_state_dict, load_flat
 
 FORMATS = ("safetensors", "pt")
@@ -70,7 +71,7 @@ def model_of(path: str | Path, keep: float = 1.0) -> tuple[torch.nn.Module, dict
     meta = {
         "format": "elfish-mpi model", "model": name, "num_classes": str(classes), "in_shape": json.dumps(list(in_shape)),
         "widths": json.dumps(widths), "keep": f"{keep:g}", "round": str(ck.round), "checkpoint": str(path),
-        "program": str(attrs.get("provenance_program", "")),
+        "program": from_attrs(attrs).get("program", ""),
     }
     return model.eval(), meta
 
