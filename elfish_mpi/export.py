@@ -93,13 +93,23 @@ def _input_shape(ck) -> tuple[int, ...]:
         raise ExportError(f"the run's data set {name!r} is not here to tell the input shape; export where it is") from None
 
 
+def _is_hdf5(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
 def write(path: str | Path, out: str | Path, fmt: str, keep: float = 1.0) -> dict[str, str]:
     """Export; returns the metadata written. safetensors needs the ``safetensors`` package."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise ExportError(f"--out {out}: no directory {out.parent}")
+    if out.exists() and (out.is_dir() or _is_hdf5(out)):  # never over a checkpoint (the source included)
+        raise ExportError(f"--out {out} is {'a directory' if out.is_dir() else 'an HDF5 file (a checkpoint?)'}; "
+                          "choose another file")
     model, meta = model_of(path, keep)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     if fmt == "safetensors":
         try:

@@ -226,3 +226,12 @@ def test_export_round_trips_whole_and_slim(finished_run, tmp_path, fmt):
                           "--format", "onnx2", "--out", str(tmp_path / "x")], capture_output=True, text=True,
                          timeout=TIMEOUT, cwd=ROOT)
     assert bad.returncode == 2 and "choose one of safetensors, pt" in bad.stderr and not (tmp_path / "x").exists()
+    # never over a checkpoint (its own source included), nor into a directory that is not there
+    source = tmp_path / "source.h5"
+    source.write_bytes((finished_run / "checkpoint.h5").read_bytes())
+    before = source.read_bytes()
+    for target, says in ((source, "is an HDF5 file (a checkpoint?)"), (tmp_path / "no" / "m.pt", "no directory")):
+        res = subprocess.run([sys.executable, "-m", "elfish_mpi", "export", str(source), "--format", fmt, "--out", str(target)],
+                             capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+        assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert source.read_bytes() == before
