@@ -786,7 +786,8 @@ def load_worker_data(
     """The train split restricted to worker `worker_index` (0-based) of the partition.
 
     Only that worker's images are materialised.  With ``max_samples > 0`` the
-    first `max_samples` of the worker's (sorted) indices are kept.
+    first `max_samples` of the worker's (sorted) indices are kept (spread evenly over them
+    where the file stores the set in class order: :func:`test_rows`).
     """
     if not 0 <= worker_index < num_workers:
         raise DataError(f"worker_index {worker_index} out of range for {num_workers} workers")
@@ -795,14 +796,25 @@ def load_worker_data(
         src.labels, num_workers, scheme, seed, alpha=alpha, groups=src.groups,
         shards_per_worker=shards_per_worker,
     )[worker_index]
-    if max_samples and max_samples > 0:
-        idx = idx[:max_samples]
-    return src.take(idx)
+    rows = test_rows(src.labels[idx], max_samples)
+    return src.take(idx if rows is None else idx[rows])
+
+
+def test_rows(labels: np.ndarray, max_samples: int) -> np.ndarray | None:
+    """Which images ``data.test_samples`` (and ``data.max_samples``) keeps: all (None) when it is 0; its first
+    ``max_samples`` images; but where the file stores the test set in class order (labels
+    never decrease, as in the CIFAR-10 npz), every (n / max_samples)-th image, so that each
+    class keeps its share instead of the first classes filling the subset."""
+    n = labels.shape[0]
+    if not max_samples or max_samples <= 0 or max_samples >= n:
+        return None
+    k = int(max_samples)
+    if n > 1 and np.all(np.diff(labels.astype(np.int64)) >= 0) and labels[0] != labels[-1]:
+        return (np.arange(k, dtype=np.int64) * n) // k
+    return np.arange(k)
 
 
 def load_test_data(name: str, path: str = "", max_samples: int = 0) -> Split:
-    """The test split; only its first `max_samples` samples when that is > 0."""
+    """The test split, or the subset of it that :func:`test_rows` picks."""
     src = _open_source(name, path, "test")
-    if max_samples and max_samples > 0:
-        return src.take(np.arange(min(int(max_samples), src.labels.shape[0])))
-    return src.take(None)
+    return src.take(test_rows(src.labels, max_samples))
