@@ -613,3 +613,30 @@ def test_idx_rows_are_those_of_the_whole_file_without_holding_it(tmp_path, suffi
     cut.write_bytes((tmp_path / "imgs").read_bytes()[:-100] if suffix == "" else gzip.decompress(path.read_bytes())[:-100])
     with pytest.raises(DataError, match="truncated"):
         data.read_idx(cut, rows=rows)
+
+
+def test_a_subset_of_a_set_stored_in_class_order_keeps_every_class():
+    from elfish_mpi.data import test_rows
+
+    # Prepare: 10 classes of 100 images stored class by class, and the same labels shuffled
+    ordered = np.repeat(np.arange(10), 100)
+    shuffled = np.random.default_rng(0).permutation(ordered)
+    # Execute
+    rows = test_rows(ordered, 200)
+    # Assert: every 5th image (20 of each class) where sorted; the first 200 otherwise; all at 0
+    np.testing.assert_array_equal(rows, np.arange(0, 1000, 5))
+    np.testing.assert_array_equal(np.bincount(ordered[rows]), [20] * 10)
+    np.testing.assert_array_equal(test_rows(shuffled, 200), np.arange(200))
+    assert test_rows(ordered, 0) is None and test_rows(ordered, 1000) is None
+
+
+def test_the_cifar10_npz_test_subset_holds_every_class():
+    cifar = pathlib.Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10_jpeg.npz"
+    if not cifar.exists():
+        pytest.skip(f"needs {cifar}")
+    from elfish_mpi.data import load_test_data, load_worker_data
+
+    test = load_test_data("cifar10", str(cifar), 200)
+    assert np.bincount(test.labels, minlength=10).tolist() == [20] * 10
+    part = load_worker_data("cifar10", str(cifar), 2, 0, "iid", 0, max_samples=100)
+    assert len(part.labels) == 100 and np.count_nonzero(np.bincount(part.labels, minlength=10)) == 10
