@@ -13,6 +13,9 @@ setup(
         "torch>=2.0",
         "numpy>=1.23",
         "h5py>=3.6",
+        # torch-pruning's dependency graph finds which channels must be cut together
+        # (model groups = "auto"); pure Python, MIT, depends on torch and numpy only
+        "torch-pruning>=1.5",
         "tomli>=1.1; python_version<'3.11'",
     ],
     extras_require={

@@ -18,11 +18,11 @@ from .comm import Comm, RankFailure, RoundTimeout
 from .fleet import load_trace
 from .config import Config
 from .masking import compute_ratio, keep_ratio, make_masks
-from .models import MaskableCNN, ModelSpec
+from .models import ModelSpec
 from .planner import Planner
 from .strategies import make_strategy
 from .transport import receive
-from .submodel import flat_from_state_dict, flat_params, load_flat, param_index, state_dict_from_flat
+from .submodel import flat_from_state_dict, flat_params, full_model, load_flat, param_index, state_dict_from_flat
 from .protocol import Plan, eval_buffer, pack_masks, peak_memory
 
 STOP_BCAST = "the broadcast that ends the run (a worker rank stopped answering)"
@@ -43,14 +43,13 @@ class Aggregator:
         self.strategy = make_strategy(cfg, spec, self.num_workers)
         self.start_capacity = cfg.capacities(self.num_workers)
         self.trace = load_trace(cfg.workers.trace, self.num_workers) if cfg.workers.trace else None
-        self.model = MaskableCNN(spec)
+        self.model = full_model(spec)  # (the evaluation's module: the flat model is loaded into it)
         resume = setup.get("resume_ckpt")
         if resume is not None:
             self._restore(resume)
         else:
             torch.manual_seed(cfg.run.seed)
-            self.model = MaskableCNN(spec)
-            self.flat = flat_params(self.model)
+            self.flat = flat_params(spec.init_module())
             self.start_round = 0
             self.metrics: dict[str, list] = {}
             self.workers: dict[str, list] = {}
@@ -380,7 +379,7 @@ class Aggregator:
             coverage=self.coverage,
             profiles=self.profiles,
             state=state,
-            attrs={"num_workers": self.num_workers, "model": self.spec.name, "maskable_layers": ",".join(self.spec.maskable),
+            attrs={"num_workers": self.num_workers, "model": self.spec.name, "groups": ",".join(self.spec.maskable),
                    **provenance.as_attrs(self.setup.get("provenance", {}))},
         )
 

@@ -77,7 +77,7 @@ def parse_capacities(args, num_workers: int) -> list[float]:
 def _prepare(args, num_workers: int) -> dict:
     """Rank 0's checks: capacities, data set, model."""
     from . import data as datamod
-    from .models import get_spec
+    from .models import spec_of
 
     if num_workers < 1:
         raise UsageError("calibrate needs at least 2 MPI ranks: rank 0 reports, ranks 1.. are workers")
@@ -88,7 +88,7 @@ def _prepare(args, num_workers: int) -> dict:
     test = datamod.load_test_data(args.dataset, path, max_samples=1)
     in_shape = tuple(int(s) for s in test.images.shape[1:])
     try:
-        get_spec(args.model, test.num_classes, in_shape)
+        spec_of({"name": args.model}, test.num_classes, in_shape)
     except ValueError as exc:
         raise UsageError(f"--model {args.model}: {exc}") from None
     return {
@@ -113,7 +113,7 @@ class _Work:
         import torch
 
         from . import data as datamod
-        from .models import MaskableCNN, get_spec
+        from .models import spec_of
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(index)
@@ -123,8 +123,8 @@ class _Work:
         )
         self.x = torch.from_numpy(datamod.normalize(part.images))
         self.y = torch.from_numpy(part.labels.astype(np.int64))
-        spec = get_spec(args.model, setup["num_classes"], tuple(setup["in_shape"]))
-        self.model = MaskableCNN(spec)
+        spec = spec_of({"name": args.model}, setup["num_classes"], tuple(setup["in_shape"]))
+        self.model = spec.init_module()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.batch_size, self.cursor = args.batch_size, 0
 

@@ -26,8 +26,9 @@ Opened directly with h5py they read back as ``bytes``
 Groups and datasets:
 
 ``/model/<key>``
-    One dataset per ``state_dict`` entry, named verbatim (e.g.
-    ``conv1.weight``), dtype as given (typically float32). Creation order is
+    One dataset per floating-point ``state_dict`` entry (parameters and float
+    buffers), named verbatim (e.g. ``conv1.weight``,
+    ``layer1.0.n1.running_mean``), dtype as given (typically float32). Creation order is
     tracked, so keys come back in ``state_dict`` order.
 ``/metrics/<name>``
     One value per completed round, shape ``(round,)``, chunked with
@@ -40,9 +41,10 @@ Groups and datasets:
     same number of columns (workers).
 ``/masks/round``
     int64 ``(rounds,)``: the 1-based rounds whose masks follow, in order.
-``/masks/<layer>``
+``/masks/<group>``
     uint8 ``(rounds, workers, ceil(neurons / 8))``, ``maxshape=(None, workers,
-    bytes)``: which neurons of ``<layer>`` each worker kept (trained) in each
+    bytes)``: which neurons of the neuron group ``<group>`` (models.py; for
+    LeNet and AlexNet a group is named after its layer) each worker kept (trained) in each
     round, one bit a neuron, packed as ``numpy.packbits`` packs them (first
     neuron in the highest bit of the first byte); attribute ``neurons``. The
     kept indices of worker ``w`` in the ``i``-th round listed:
@@ -50,11 +52,11 @@ Groups and datasets:
     Version 1 stored ``/masks/round_NNNNNN/worker_NN/<layer>`` (sorted int32
     indices), a group a round and worker: it grew with rounds x workers x
     layers in HDF5 objects.
-``/coverage/<layer>``
+``/coverage/<group>``
     int64 ``(neurons,)``: how often each neuron has been trained so far.
 ``/profiles/<name>``
     Profiling results, e.g. ``step_time`` ``(workers, configs)`` and
-    ``keep_ratios`` ``(configs, layers)``.
+    ``keep_ratios`` ``(configs, groups)``.
 ``/state/<name>``
     Resume state: RNG states, data cursors, planner state (numeric arrays;
     raw bytes are stored as uint8).
@@ -815,6 +817,11 @@ def summary(ckpt: Checkpoint) -> str:
         f"round {ckpt.round}, strategy {ckpt.strategy!r}",
         f"model: {len(ckpt.model)} tensors, {n_values:,} values ({n_bytes / 1024:.1f} KiB)",
     ]
+    groups = str(ckpt.attrs.get("groups") or ckpt.attrs.get("maskable_layers") or "")
+    if ckpt.attrs.get("model") or groups:
+        names = [g for g in groups.split(",") if g]
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+        lines.append(f"{ckpt.attrs.get('model', '?')}: neuron groups {shown or 'none recorded'}")
     acc = np.asarray(ckpt.metrics.get("test_accuracy", np.empty(0)), dtype=float).ravel()
     finite = np.flatnonzero(np.isfinite(acc))
     if finite.size:

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="safetensors", help="safetensors (default) or pt (a torch state_dict and metadata)")
     x.add_argument("--out", required=True, help="the file to write")
     x.add_argument("--keep", type=float, default=1.0, metavar="R", help="a sub-network keeping this share of each "
-                   "maskable layer's neurons (those with the largest incoming weights); default 1: the whole model")
+                   "neuron group's units (those with the largest weights); default 1: the whole model")
     v = sub.add_parser("validate", help="verify a checkpoint (layout and checksums) without running")
     v.add_argument("checkpoint")
     for name, text in (
@@ -179,7 +179,7 @@ def prepare(args, num_workers: int) -> dict:
     """Rank 0's checks before any work. Raises ConfigError/DataError/CheckpointError/UsageError."""
     from . import checkpoint as ckptmod
     from . import data as datamod
-    from .models import get_spec
+    from .models import spec_of
     from .strategies import make_strategy
 
     notes = []
@@ -262,7 +262,7 @@ def prepare(args, num_workers: int) -> dict:
     test = datamod.load_test_data(cfg.data.name, data_path, cfg.data.test_samples)
     in_shape = tuple(int(s) for s in test.images.shape[1:])
     try:
-        spec = get_spec(cfg.model.name, test.num_classes, in_shape)
+        spec = spec_of(cfg.model, test.num_classes, in_shape)
     except ValueError as exc:
         raise ConfigError(f"model.name = {cfg.model.name!r}: {exc}") from None
     if ckpt is not None:
@@ -299,12 +299,10 @@ def check_resume_state(ckpt, spec, cfg: Config, num_workers: int, path) -> None:
     cursor = ckpt.state.get("cursor")
     if cursor is None or cursor.shape != (num_workers,):
         problems.append(f"/state/cursor must hold one data position per worker ({num_workers})")
-    for layer in spec.layers:
-        if not layer.maskable:
-            continue
-        cov = ckpt.coverage.get(layer.name)
-        if cov is None or cov.shape != (layer.out,):
-            problems.append(f"/coverage/{layer.name} must have shape ({layer.out},)")
+    for g in spec.groups:
+        cov = ckpt.coverage.get(g.name)
+        if cov is None or cov.shape != (g.size,):
+            problems.append(f"/coverage/{g.name} must have shape ({g.size},)")
     if make_strategy(cfg, spec, num_workers).needs_planner:
         configs = len(configurations(spec, cfg.strategy.profile))
         for name in ("step_time", "macs"):
@@ -364,14 +362,14 @@ def run_job(comm, setup: dict) -> int:
 
     from . import data as datamod
     from .aggregator import Aggregator
-    from .models import get_spec
+    from .models import spec_of
     from .worker import Worker
 
     cfg = Config.from_dict(setup["config"])
     torch.set_num_threads(cfg.run.threads)
     if comm.rank == 0:  # (a worker waits for rank 0, which may be writing the final checkpoint)
         comm.stop_grace = cfg.run.stop_grace
-    spec = get_spec(cfg.model.name, setup["num_classes"], tuple(setup["in_shape"]))
+    spec = spec_of(cfg.model, setup["num_classes"], tuple(setup["in_shape"]))
     # Every rank sets up its part; an error on any rank (a worker's data, its throttle) is
     # reported by rank 0 and every rank leaves with exit code 2, before any round.
     hosts = comm.allgather_obj(socket.gethostname())
@@ -446,8 +444,8 @@ def evaluate(args) -> int:
     from . import checkpoint as ckptmod
     from . import data as datamod
     from .evaluation import evaluate as evaluate_model, per_class
-    from .models import MaskableCNN, get_spec
-    from .submodel import flat_from_state_dict, layout, load_flat
+    from .models import spec_of
+    from .submodel import flat_from_state_dict, full_model, layout
 
     ck = ckptmod.read(args.checkpoint, load_masks=False)
     data = ck.config.get("data", {}) if isinstance(ck.config, dict) else {}
@@ -457,17 +455,17 @@ def evaluate(args) -> int:
     if samples < 0:
         raise UsageError(f"--samples {samples} must be >= 0")
     test = datamod.load_test_data(name, str(datamod.resolve_path(name, path)), samples)
-    model_name = ck.attrs.get("model") or ck.config.get("model", {}).get("name", "lenet")
+    model_cfg = dict(ck.config.get("model", {}) if isinstance(ck.config, dict) else {})
+    model_name = model_cfg["name"] = str(ck.attrs.get("model") or model_cfg.get("name", "lenet"))
     try:
-        spec = get_spec(str(model_name), test.num_classes, tuple(int(s) for s in test.images.shape[1:]))
+        spec = spec_of(model_cfg, test.num_classes, tuple(int(s) for s in test.images.shape[1:]))
     except ValueError as exc:
         raise UsageError(f"{args.checkpoint}: {exc}") from None
     expect = {k: tuple(s) for k, s, _ in layout(spec)}
     if {k: tuple(v.shape) for k, v in ck.model.items()} != expect:
         raise UsageError(f"{args.checkpoint}: its {model_name} does not fit {name}'s images and classes")
     torch.set_num_threads(1)  # (the run's evaluation ran on one thread a rank: the same sums)
-    model = MaskableCNN(spec)
-    load_flat(model, flat_from_state_dict(spec, ck.model))
+    model = full_model(spec, flat_from_state_dict(spec, ck.model))
     x = torch.from_numpy(datamod.normalize(test.images))
     y = torch.from_numpy(test.labels.astype("int64"))
     acc, loss = evaluate_model(model, x, y)

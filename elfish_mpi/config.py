@@ -131,15 +131,30 @@ class DataConfig:
             raise ConfigError("data.name = 'npz' needs data.path pointing at the .npz file")
 
 
-MODEL_NAMES = ("lenet", "alexnet")
+MODEL_NAMES = ("lenet", "alexnet", "cnn-femnist", "resnet18", "vit-tiny")  # models.MODELS
+NORMS = ("static-bn", "group", "none")  # models.NORMS
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: str = _doc("Model: lenet (CNN for 28x28 grey images), alexnet (AlexNet-style CNN for 32x32 RGB, CIFAR-10).", "lenet")
+    name: str = _doc(
+        "Model: lenet (CNN for 28x28 grey images), alexnet (AlexNet-style CNN for 32x32 RGB, CIFAR-10), "
+        "cnn-femnist (LEAF's FEMNIST CNN), resnet18 (pre-activation ResNet-18 for 32x32 images, HeteroFL's), "
+        "vit-tiny (a small vision transformer for 28x28 or 32x32 images), or package.module:factory "
+        "(your own model and its neuron groups; see the README).",
+        "lenet",
+    )
+    norm: str = _doc(
+        "resnet18's normalization: static-bn (BatchNorm without running statistics, HeteroFL's sBN), "
+        "group (GroupNorm, 16 channels a group) or none.",
+        "static-bn",
+    )
 
     def __post_init__(self) -> None:
-        _choice("model.name", self.name, MODEL_NAMES)
+        own = isinstance(self.name, str) and ":" in self.name and all(self.name.partition(":")[::2])
+        if not own and self.name not in MODEL_NAMES:
+            raise ConfigError(f"model.name = {self.name!r} is not allowed; choose one of: {', '.join(MODEL_NAMES)}, or package.module:factory")
+        _choice("model.norm", self.norm, NORMS)
 
 
 @dataclass(kw_only=True)
@@ -223,7 +238,7 @@ class StrategyConfig:
     name: str = _doc(
         "fedavg (full model everywhere, waits for all), fedavg-drop (round deadline, late updates dropped), "
         "fedprox-partial (full model, stragglers take fewer steps, proximal term), heterofl (static nested widths), "
-        "fedrolex (rolling window of neurons), elfish (profile-guided per-layer masks, dynamic masking).",
+        "fedrolex (rolling window of neurons), elfish (profile-guided per-group masks, dynamic masking).",
         "elfish",
     )
     aggregation: str = _doc(
@@ -235,7 +250,7 @@ class StrategyConfig:
         "rolling (a window that moves every round), ordered (always the first k).",
         "random",
     )
-    min_keep: float = _doc("Smallest keep ratio the planner may give a layer.", 0.25)
+    min_keep: float = _doc("Smallest keep ratio the planner may give a neuron group.", 0.25)
     keep_ratios: list = _doc("Fixed keep ratio per worker (overrides planning); empty: planned from the profiles.", factory=list)
     deadline: float = _doc(
         "Round deadline in seconds of training, the same for every strategy that has one (elfish, heterofl and fedrolex "
@@ -257,7 +272,7 @@ class StrategyConfig:
     )
     replan: bool = _doc("Re-plan every round from the measured round times (elfish).", True)
     fallback: str = _doc(
-        "When a worker with every layer at min_keep is still predicted to miss the round deadline (elfish): "
+        "When a worker with every group at min_keep is still predicted to miss the round deadline (elfish): "
         "steps (it takes only the local steps that fit; recorded in /workers/steps) or none (pure ELFISH: "
         "it takes every step and the round waits for it).",
         "steps",
@@ -266,7 +281,7 @@ class StrategyConfig:
     profile_steps: int = _doc("Training steps timed per keep-ratio configuration at start-up.", 3)
     profile: str = _doc(
         "What workers profile at start-up: layers (the whole model at keep 1, 0.75, 0.5, 0.25 and each "
-        "maskable layer alone at 0.5, two timing passes) or quick (the whole model at 1 and 0.25, one "
+        "neuron group alone at 0.5, two timing passes) or quick (the whole model at 1 and 0.25, one "
         "pass: the two points of the affine cost model, for many ranks on few cores; the rounds refine it).",
         "layers",
     )

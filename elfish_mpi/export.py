@@ -1,13 +1,15 @@
 """The global model of a checkpoint, out of elfish-mpi: a safetensors file or a torch state_dict
 (``elfish-mpi export``), whole or as a slimmer sub-network (``--keep R``).
 
-The file carries the model's description as metadata (model name, classes, input shape, the
-width of every layer, the keep ratio, the round and the source checkpoint), which is what
-``models.MaskableCNN(get_spec(name, classes, in_shape), widths)`` needs to load it back.
+The file carries the model's description as metadata (model name and norm, classes, input
+shape, the width of every neuron group, the keep ratio, the round and the source
+checkpoint), which is what ``models.get_spec(name, classes, in_shape, norm).module(widths)``
+needs to build the module that loads it back (``load_state_dict``).
 
-A sub-network at keep ratio R keeps, in every maskable layer, the ceil(R x width) neurons
-whose incoming weights have the largest L1 norm (the usual magnitude criterion; ties to the
-lower index), gathered exactly as a worker's sub-network is (``submodel.build_submodel``).
+A sub-network at keep ratio R keeps, in every group, the ceil(R x units) units whose slices
+(incoming and outgoing weights, norm parameters) have the largest L1 norm (the usual
+magnitude criterion; ties to the lower index), gathered exactly as a worker's sub-network is
+(``submodel.build_submodel``).
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ import torch
 
 from . import checkpoint as ckptmod
 from .masking import keep_count
-from .models import MaskableCNN, ModelSpec, get_spec
+from .models import ModelSpec, spec_of
 from .provenance import from_attrs
-from .submodel import build_submodel, flat_from_state_dict, load_flat
+from .submodel import build_submodel, flat_from_state_dict, full_model
 
 FORMATS = ("safetensors", "pt")
 
@@ -31,17 +33,18 @@ class ExportError(ValueError):
 
 
 def strongest(spec: ModelSpec, state: dict, keep: float) -> dict[str, np.ndarray]:
-    """Per maskable layer, the sorted indices of the ceil(keep x width) neurons with the largest
-    L1 norm of their incoming weights."""
+    """Per group, the sorted indices of the neurons of the ceil(keep x units) units with the
+    largest L1 norm over the group's slices."""
     kept = {}
-    for layer in spec.layers:
-        if not layer.maskable:
-            continue
-        w = np.asarray(state[f"{layer.name}.weight"], dtype=np.float64)
-        norm = np.abs(w.reshape(w.shape[0], -1)).sum(axis=1)
-        k = keep_count(layer.out, keep)
+    for g in spec.groups:
+        norm = np.zeros(g.units, dtype=np.float64)
+        for s in g.slices:
+            t = np.moveaxis(np.abs(np.asarray(state[s.tensor], dtype=np.float64)), s.axis, 0)
+            norm += t.reshape(g.units, -1).sum(axis=1)
+        k = keep_count(g.units, keep)
         order = np.lexsort((np.arange(norm.size), -norm))  # largest first, then lowest index
-        kept[layer.name] = np.sort(order[:k]).astype(np.int32)
+        units = np.sort(order[:k])
+        kept[g.name] = (units[:, None] * g.unit + np.arange(g.unit)[None, :]).ravel().astype(np.int32)
     return kept
 
 
@@ -51,25 +54,25 @@ def model_of(path: str | Path, keep: float = 1.0) -> tuple[torch.nn.Module, dict
         raise ExportError(f"--keep {keep:g} must lie in (0, 1]")
     ck = ckptmod.read(path, load_masks=False)
     attrs = ck.attrs
-    name = str(attrs.get("model") or ck.config.get("model", {}).get("name", ""))
+    model_cfg = dict(ck.config.get("model", {}) if isinstance(ck.config, dict) else {})
+    name = model_cfg["name"] = str(attrs.get("model") or model_cfg.get("name", ""))
     layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in ck.model))  # in state_dict order: the classifier last
     if not layers:
         raise ExportError(f"{path}: the checkpoint holds no model")
     classes = int(np.asarray(ck.model[f"{layers[-1]}.weight"]).shape[0])
     in_shape = _input_shape(ck)
     try:
-        spec = get_spec(name, classes, in_shape)
+        spec = spec_of(model_cfg, classes, in_shape)
     except ValueError as exc:
         raise ExportError(f"{path}: {exc}") from None
     flat = flat_from_state_dict(spec, ck.model)
     if keep < 1.0:
         model, _ = build_submodel(spec, strongest(spec, ck.model, keep), flat)
     else:
-        model = MaskableCNN(spec)
-        load_flat(model, flat)
-    widths = {layer.name: int(model.widths[layer.name]) for layer in spec.layers}
+        model = full_model(spec, flat)
+    widths = {g: int(n) for g, n in model.widths.items()}
     meta = {
-        "format": "elfish-mpi model", "model": name, "num_classes": str(classes), "in_shape": json.dumps(list(in_shape)),
+        "format": "elfish-mpi model", "model": name, "norm": str(model_cfg.get("norm", "static-bn")), "num_classes": str(classes), "in_shape": json.dumps(list(in_shape)),
         "widths": json.dumps(widths), "keep": f"{keep:g}", "round": str(ck.round), "checkpoint": str(path),
         "program": from_attrs(attrs).get("program", ""),
     }

@@ -1,13 +1,14 @@
 """Mask policies: which neurons a worker keeps in a round. Pure numpy.
 
-Every choice is a function of (seed, round, worker, layer) alone, with no hidden state, so a
+Every choice is a function of (seed, round, worker, group) alone, with no hidden state, so a
 resumed run draws exactly the masks an uninterrupted run would have drawn.
 
 - ``random``: a fresh uniformly random set every round (ELFISH's dynamic masking).
 - ``rolling``: a contiguous window (wrapping around) whose start moves by one neuron every
   round (FedRolex's rolling sub-model).
 - ``ordered``: always the first k neurons (static nested sub-models, HeteroFL).
-A layer with ratio 1 keeps every neuron under every policy.
+A group with ratio 1 keeps every neuron under every policy. A group with a ``unit`` (neurons
+kept or dropped together) is drawn in units.
 """
 from __future__ import annotations
 
@@ -44,24 +45,26 @@ def select(policy: str, width: int, k: int, *, seed: int, round: int, worker: in
 
 
 def make_masks(spec: ModelSpec, ratios: dict[str, float], policy: str, *, seed: int, round: int, worker: int) -> dict:
-    """Kept neurons of every maskable layer for one worker in one round."""
+    """Kept neurons of every group for one worker in one round. A group's ratio applies to its
+    units (whole attention heads, whole GroupNorm groups); the kept units' neurons are kept."""
     kept = {}
-    for li, layer in enumerate(spec.layers):
-        if not layer.maskable:
-            continue
-        k = keep_count(layer.out, ratios.get(layer.name, 1.0))
-        kept[layer.name] = select(policy, layer.out, k, seed=seed, round=round, worker=worker, layer=li)
+    for gi, g in enumerate(spec.groups):
+        k = keep_count(g.units, ratios.get(g.name, 1.0))
+        units = select(policy, g.units, k, seed=seed, round=round, worker=worker, layer=gi)
+        if g.unit > 1:
+            units = (units[:, None] * g.unit + np.arange(g.unit)[None, :]).ravel().astype(np.int32)
+        kept[g.name] = units
     return kept
 
 
 def keep_ratio(spec: ModelSpec, kept: dict) -> float:
-    """A worker's keep ratio: the mean over maskable layers of the share of the layer's
-    neurons kept (equal to r when every layer keeps a share r)."""
-    shares = [len(kept[layer.name]) / layer.out if layer.name in kept else 1.0 for layer in spec.layers if layer.maskable]
+    """A worker's keep ratio: the mean over groups of the share of the group's neurons kept
+    (equal to r when every group keeps a share r)."""
+    shares = [len(kept[g.name]) / g.size if g.name in kept else 1.0 for g in spec.groups]
     return float(sum(shares) / len(shares)) if shares else 1.0
 
 
 def compute_ratio(spec: ModelSpec, kept: dict) -> float:
     """Share of the full model's forward multiply-accumulates that the kept sub-network does."""
-    widths = {layer.name: (len(kept[layer.name]) if layer.name in kept else layer.out) for layer in spec.layers}
+    widths = {g.name: (len(kept[g.name]) if g.name in kept else g.size) for g in spec.groups}
     return spec.macs(widths) / spec.macs()

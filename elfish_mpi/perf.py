@@ -1,8 +1,9 @@
 """Micro-benchmarks behind docs/benchmarks.md: ``elfish-mpi perf soft-training|transport``.
 
 - ``soft-training``: seconds per training step of the physically smaller sub-network at
-  keep ratio r (every maskable layer at r), against the multiply-accumulate count's
-  prediction, per model. Single process; real images.
+  keep ratio r (every neuron group at r), against the multiply-accumulate count's
+  prediction, per model. Single process; real images (CIFAR-10 for alexnet and resnet18,
+  Fashion-MNIST for the others).
 - ``transport`` (under MPI): the time rank 0 needs to receive and fold the round's updates
   by each transport: ``gather`` (every worker sends its kept values; rank 0 scatters them)
   and ``reduce`` (an MPI sum of dense weighted updates and coverage), at given keep ratios;
@@ -21,12 +22,15 @@ import time
 import numpy as np
 
 
+CIFAR_MODELS = ("alexnet", "resnet18")  # measured on CIFAR-10 images; the others on Fashion-MNIST
+
+
 def _real_batch(model: str, data_path: str, batch: int):
     import torch
 
     from . import data as datamod
 
-    name = "fashion-mnist" if model == "lenet" else "cifar10"
+    name = "cifar10" if model in CIFAR_MODELS else "fashion-mnist"
     split = datamod.load_test_data(name, datamod.resolve_path(name, data_path), max_samples=max(batch, 256))
     x = torch.from_numpy(datamod.normalize(split.images))
     y = torch.from_numpy(split.labels.astype(np.int64))
@@ -37,7 +41,7 @@ def soft_training(args) -> int:
     import torch
 
     from .masking import compute_ratio, make_masks
-    from .models import MaskableCNN, get_spec
+    from .models import get_spec
     from .submodel import build_submodel, flat_params
     from .worker import train_step
 
@@ -48,11 +52,11 @@ def soft_training(args) -> int:
     print("| model | keep ratio | MACs share | ms / step | measured speed-up | predicted speed-up (MACs) |")
     print("|---|---|---|---|---|---|")
     for model in args.models.split(","):
-        data_path = args.fashion_path if model == "lenet" else args.cifar_path
+        data_path = args.cifar_path if model in CIFAR_MODELS else args.fashion_path
         x, y, classes, shape = _real_batch(model, data_path, args.batch_size)
-        spec = get_spec(model, classes, shape)
+        spec = get_spec(model, classes, shape, args.norm)
         torch.manual_seed(0)
-        full = flat_params(MaskableCNN(spec))
+        full = flat_params(spec.init_module())
         nets = {}
         for r in ratios:
             kept = make_masks(spec, {n: r for n in spec.maskable}, "random", seed=0, round=1, worker=0)
@@ -185,6 +189,7 @@ def main(argv: list[str]) -> int:
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--repeats", type=int, default=7)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--norm", default="static-bn", help="resnet18's model.norm")
     s.add_argument("--fashion-path", default="", help="Fashion-MNIST location (default: the standard places)")
     s.add_argument("--cifar-path", default="", help="CIFAR-10 location (default: the standard places)")
     t = sub.add_parser("transport", help="gather vs reduce of the round's updates (run under mpiexec)")

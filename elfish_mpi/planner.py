@@ -1,4 +1,4 @@
-"""Keep ratios per worker and layer, from the profiles and a round deadline. Pure.
+"""Keep ratios per worker and neuron group, from the profiles and a round deadline. Pure.
 
 Each worker w has a cost model ``t_w(cfg) = scale_w * (alpha_w + beta_w * macs(cfg)/macs(full))``
 per training step (see profiling.py); ``scale_w`` starts at 1 and follows the round times
@@ -11,14 +11,14 @@ full-model round time plus ``slack`` (10%), a margin inside the deadline so that
 noise does not thin a worker that is as fast as the fastest. ELFISH and HeteroFL/FedRolex
 plan to meet it, FedProx with partial work fits its steps into it, and FedAvg with a
 deadline drops an update that misses it. A worker that meets it with the full model
-trains the full model. Otherwise the planner removes neurons greedily, ``step`` of a layer's width
-(at least one neuron) at a time: each move cuts the layer whose neurons are the most
-resource-intensive, i.e. the cut that saves the most predicted time per neuron it really
-removes, never below ``min_keep`` (in whole neurons, rounded up) and never a move that saves
-nothing, until the prediction meets the deadline or every layer is at its floor. Its plans
-are whole numbers of neurons: a layer's ratio is its kept count over its width. (The
-nested widths of HeteroFL/FedRolex, :meth:`Planner.plan_uniform`, are multiples of ``step``
-instead, one ratio for every layer, rounded up to whole neurons when masks are drawn.)
+trains the full model. Otherwise the planner removes neurons greedily, ``step`` of a group's width
+(at least one unit: a neuron, or a whole head or GroupNorm group) at a time: each move cuts the
+group whose neurons are the most resource-intensive, i.e. the cut that saves the most predicted
+time per unit it really removes, never below ``min_keep`` (in whole units, rounded up) and never
+a move that saves nothing, until the prediction meets the deadline or every group is at its
+floor. Its plans are whole numbers of units: a group's ratio is its kept count over its
+units. (The nested widths of HeteroFL/FedRolex, :meth:`Planner.plan_uniform`, are multiples
+of ``step`` instead, one ratio for every group, rounded up to whole units when masks are drawn.)
 
 When even the floor misses the deadline, ``strategy.fallback = "steps"`` has the worker take
 only the local steps that fit in it (:meth:`Planner.steps_within` at its plan, recorded in
@@ -61,7 +61,7 @@ class Planner:
         self.step = float(step)
         self.smoothing = float(smoothing)
         self.slack = float(slack)
-        self._widths = {layer.name: layer.out for layer in spec.layers if layer.maskable}
+        self._widths = {g.name: g.units for g in spec.groups}  # planned in whole units (a neuron, a head)
 
     @property
     def num_workers(self) -> int:
@@ -85,7 +85,7 @@ class Planner:
         return self.round_deadline() / self.local_steps
 
     def plan_worker(self, worker: int, target: float) -> dict[str, float]:
-        """Keep ratios (each a whole number of neurons over the layer's width) that meet
+        """Keep ratios (each a whole number of units over the group's units) that meet
         ``target`` seconds per step, cutting greedily where a removed neuron saves the most."""
         kept = dict(self._widths)
         floor = {name: keep_count(width, self.min_keep) for name, width in self._widths.items()}
@@ -116,7 +116,7 @@ class Planner:
         return [self.plan_worker(w, target) for w in range(self.num_workers)]
 
     def plan_uniform(self) -> list[float]:
-        """One keep ratio per worker for every layer (nested-width methods): the largest
+        """One keep ratio per worker for every group (nested-width methods): the largest
         multiple of ``step`` (>= min_keep) whose prediction meets the deadline."""
         target = self.deadline_step()
         out = []

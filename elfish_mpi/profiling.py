@@ -1,8 +1,8 @@
 """Profiles and the cost model. Pure: measuring happens at the worker's edge (worker.py).
 
-A profile is measured at a fixed list of *configurations*, each a keep ratio per maskable
-layer (``strategy.profile``): ``layers``, the whole model at 1, 0.75, 0.5 and 0.25, and then
-each maskable layer alone at 0.5 (the others full), which tells how much each layer's
+A profile is measured at a fixed list of *configurations*, each a keep ratio per neuron
+group (``strategy.profile``): ``layers``, the whole model at 1, 0.75, 0.5 and 0.25, and then
+each group alone at 0.5 (the others full), which tells how much each group's
 neurons cost on that worker, in two timing passes; or ``quick``, the whole model at 1 and
 0.25 in one pass: the two points the affine cost model below needs, for jobs of many ranks
 on few cores, where every step of profiling is slow (the rounds then refine each worker's
@@ -34,7 +34,7 @@ def passes(kind: str = "layers") -> int:
 
 
 def configurations(spec: ModelSpec, kind: str = "layers") -> np.ndarray:
-    """(configs, maskable layers) keep ratios that every worker profiles."""
+    """(configs, groups) keep ratios that every worker profiles."""
     if kind not in PROFILES:
         raise ValueError(f"unknown profile {kind!r}; choose one of: {', '.join(PROFILES)}")
     names = spec.maskable
@@ -53,7 +53,8 @@ def ratios_of(spec: ModelSpec, row) -> dict[str, float]:
 
 
 def widths_for(spec: ModelSpec, ratios: dict[str, float]) -> dict[str, int]:
-    return {layer.name: (keep_count(layer.out, ratios.get(layer.name, 1.0)) if layer.maskable else layer.out) for layer in spec.layers}
+    """Neurons per group at ``ratios`` (whole units, rounded up as masks are)."""
+    return {g.name: keep_count(g.units, ratios.get(g.name, 1.0)) * g.unit for g in spec.groups}
 
 
 def macs_fraction(spec: ModelSpec, ratios: dict[str, float]) -> float:

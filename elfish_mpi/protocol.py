@@ -134,7 +134,7 @@ def mask_buffer(spec: ModelSpec, num_workers: int) -> np.ndarray:
 
 
 def pack_masks(spec: ModelSpec, masks: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Every worker's kept neurons (sorted indices per maskable layer) -> packed bits, a row a worker."""
+    """Every worker's kept neurons (sorted indices per group) -> packed bits, a row a worker."""
     widths = spec.full_widths()
     bits = np.zeros((len(masks), mask_bits(spec)), dtype=bool)
     for w, kept in enumerate(masks):
@@ -142,14 +142,14 @@ def pack_masks(spec: ModelSpec, masks: list[dict[str, np.ndarray]]) -> np.ndarra
         for name in spec.maskable:
             idx = np.asarray(kept[name], dtype=np.int64)
             if idx.size and (idx[0] < 0 or idx[-1] >= widths[name] or np.any(np.diff(idx) <= 0)):
-                raise ValueError(f"worker {w}, layer {name}: kept neurons must be sorted, unique and in 0..{widths[name] - 1}")
+                raise ValueError(f"worker {w}, group {name}: kept neurons must be sorted, unique and in 0..{widths[name] - 1}")
             bits[w, offset + idx] = True
             offset += widths[name]
     return np.packbits(bits, axis=1)
 
 
 def unpack_masks(spec: ModelSpec, packed: np.ndarray, worker: int) -> dict[str, np.ndarray]:
-    """One worker's kept neurons (sorted int32 indices per maskable layer) from the packed bits."""
+    """One worker's kept neurons (sorted int32 indices per group) from the packed bits."""
     widths = spec.full_widths()
     bits = np.unpackbits(packed[worker], count=mask_bits(spec)).astype(bool)
     kept, offset = {}, 0

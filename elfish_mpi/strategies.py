@@ -1,7 +1,7 @@
 """Strategies: what each worker trains in a round, and how updates combine. No MPI here.
 
 A strategy's ``configure(round)`` gives one :class:`Assignment` per worker: keep ratio per
-maskable layer, local steps, a time limit and a proximal coefficient. It also names the
+neuron group, local steps, a time limit and a proximal coefficient. It also names the
 mask policy (which neurons the ratios keep), the weighting of the updates and the balancing
 exponent. It owns its aggregation rule: ``begin`` opens a round's sums, ``aggregate`` folds
 each accepted update into them as it arrives, ``finish`` returns the new model (by default
@@ -26,15 +26,15 @@ and FedRolex's official code); ``auto`` is each strategy's own paper's rule.
   carries the proximal term ``mu/2 * ||w - w_global||^2``. Steps re-planned from measured
   times.
 - ``heterofl`` (Diao et al., ICLR 2021): static nested sub-models: a worker keeps the first
-  ``k`` neurons of every layer, one width ratio per worker fixed from the profiles at the
+  ``k`` neurons of every group, one width ratio per worker fixed from the profiles at the
   start; each parameter is averaged over the workers that hold it, each counted once.
 - ``fedrolex`` (Alam et al., NeurIPS 2022): the widths of HeteroFL, but the kept window of
-  each layer rolls by one neuron every round, so every neuron is trained over time;
+  each group rolls by one neuron every round, so every neuron is trained over time;
   parameter-wise averaging as in HeteroFL.
-- ``elfish`` (Xu et al., 2019): profile-guided per-layer keep ratios that cut the most
+- ``elfish`` (Xu et al., 2019): profile-guided per-group keep ratios that cut the most
   resource-intensive neurons first, re-planned every round from measured times (or fixed
   by ``strategy.keep_ratios``); a fresh random mask every round (``strategy.mask_policy``);
-  a worker that misses the deadline even with every layer at ``min_keep`` takes the steps
+  a worker that misses the deadline even with every group at ``min_keep`` takes the steps
   that fit (``strategy.fallback = steps``, the default) or all of them (``none``);
   ``strategy.aggregation`` balanced (default) or naive (the ablation), weights
   ``num_samples * keep_ratio ** strategy.balance`` (1 instead of num_samples with
@@ -54,7 +54,7 @@ from .planner import Planner
 
 @dataclass
 class Assignment:
-    ratios: dict  # maskable layer -> keep ratio
+    ratios: dict  # neuron group -> keep ratio
     steps: int  # local SGD steps
     time_limit: float = 0.0  # seconds of training after which the worker stops and is dropped (0: none)
     mu: float = 0.0  # proximal coefficient

@@ -15,9 +15,9 @@ from .comm import Comm
 from .config import Config
 from .masking import keep_ratio, make_masks
 from .protocol import Plan, Task, eval_buffer, mask_buffer, new_update, peak_memory, unpack_masks
-from .models import MaskableCNN, ModelSpec
+from .models import ModelSpec
 from .aggregation import worker_weight
-from .submodel import build_submodel, flat_params, load_flat, num_params
+from .submodel import build_submodel, flat_params, full_model, load_flat, num_params
 from .throttle import Throttle
 
 _DATA_STREAM = 0x64617461
@@ -96,7 +96,7 @@ class Worker:
                     f"{setup['data_path']}: this rank's test set has {len(self.test.labels)} images, "
                     f"rank 0's {setup['test_images']} (is the data set the same on every node?)"
                 )
-            self.eval_model = MaskableCNN(spec)
+            self.eval_model = full_model(spec)
         self.inject_nan = parse_fault(os.environ.get("ELFISH_FAULT_NAN", ""))
         local = [r - 1 for r, h in enumerate(hosts) if r > 0 and h == hosts[comm.rank]]  # workers on this node
         self.throttle.attach(
@@ -114,7 +114,7 @@ class Worker:
         kind = self.cfg.strategy.profile
         configs = profiling.configurations(self.spec, kind)
         torch.manual_seed(self.cfg.run.seed)
-        base = flat_params(MaskableCNN(self.spec))
+        base = flat_params(self.spec.init_module())
         probe = Sampler(len(self.y), self.cfg.train.batch_size, self.cfg.run.seed + 1, self.index)
         models, samples, macs, mem = [], [[] for _ in configs], [], []
         for row in configs:

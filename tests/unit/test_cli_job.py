@@ -187,7 +187,7 @@ def test_export_round_trips_whole_and_slim(finished_run, tmp_path, fmt):
     import torch
 
     from elfish_mpi import export as exportmod
-    from elfish_mpi.models import MaskableCNN, get_spec
+    from elfish_mpi.models import get_spec
 
     # Prepare: the checkpoint's own model, and a batch of test images
     whole, _ = exportmod.model_of(finished_run / "checkpoint.h5")
@@ -211,8 +211,8 @@ def test_export_round_trips_whole_and_slim(finished_run, tmp_path, fmt):
         else:
             saved = torch.load(out, weights_only=True)
             state, meta = saved["state_dict"], saved["metadata"]
-        spec = get_spec(meta["model"], int(meta["num_classes"]), tuple(json.loads(meta["in_shape"])))
-        model = MaskableCNN(spec, json.loads(meta["widths"]))
+        spec = get_spec(meta["model"], int(meta["num_classes"]), tuple(json.loads(meta["in_shape"])), meta["norm"])
+        model = spec.module(json.loads(meta["widths"]))
         model.load_state_dict(state)
         model.eval()
         ref, _ = exportmod.model_of(finished_run / "checkpoint.h5", keep)
@@ -221,7 +221,7 @@ def test_export_round_trips_whole_and_slim(finished_run, tmp_path, fmt):
             if keep == 1.0:
                 assert torch.equal(model(x), whole(x)) and meta["round"] == "2"
             else:
-                assert json.loads(meta["widths"]) == {"conv1": 10, "conv2": 25, "fc1": 250, "fc2": 10}
+                assert json.loads(meta["widths"]) == {"conv1": 10, "conv2": 25, "fc1": 250}
     bad = subprocess.run([sys.executable, "-m", "elfish_mpi", "export", str(finished_run / "checkpoint.h5"),
                           "--format", "onnx2", "--out", str(tmp_path / "x")], capture_output=True, text=True,
                          timeout=TIMEOUT, cwd=ROOT)

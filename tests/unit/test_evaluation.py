@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from elfish_mpi.evaluation import CHUNK, EvalSplit, combine, evaluate, evaluate_chunks, image_range, num_chunks, shares
-from elfish_mpi.models import MaskableCNN, lenet
+from elfish_mpi.models import lenet
 
 
 def test_shares_cover_every_chunk_once_in_proportion_to_capacity():
@@ -32,7 +32,7 @@ def test_shares_refuse_weights_that_split_nothing(weights):
 def test_any_split_of_the_chunks_gives_the_same_figures_bit_for_bit():
     # Prepare: a LeNet and 7.3 chunks of images
     torch.manual_seed(0)
-    model = MaskableCNN(lenet())
+    model = lenet().init_module()
     n = 7 * CHUNK + 30
     x = torch.randn(n, 1, 28, 28)
     y = torch.randint(0, 10, (n,))

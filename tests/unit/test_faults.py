@@ -502,12 +502,11 @@ def test_worker_stalled_while_evaluating_costs_no_figure(tmp_path, jobs):
     assert ck.round == 1 and ck.metrics["eval_root_share"][0] == 1.0
     from elfish_mpi import data as datamod
     from elfish_mpi.evaluation import evaluate
-    from elfish_mpi.models import MaskableCNN, lenet
-    from elfish_mpi.submodel import flat_from_state_dict, load_flat
+    from elfish_mpi.models import lenet
+    from elfish_mpi.submodel import flat_from_state_dict, full_model
     import torch
 
-    model = MaskableCNN(lenet())
-    load_flat(model, flat_from_state_dict(lenet(), ck.model))
+    model = full_model(lenet(), flat_from_state_dict(lenet(), ck.model))
     test = datamod.load_test_data("fashion-mnist", str(SAMPLE), 300)
     torch.set_num_threads(1)
     here = evaluate(model, torch.from_numpy(datamod.normalize(test.images)), torch.from_numpy(test.labels))

@@ -157,9 +157,8 @@ def test_ratio_one_keeps_all_under_every_policy(policy):
 
         # Assert
         assert set(kept) == set(spec.maskable)
-        for layer in spec.layers:
-            if layer.maskable:
-                np.testing.assert_array_equal(kept[layer.name], np.arange(layer.out))
+        for g in spec.groups:
+            np.testing.assert_array_equal(kept[g.name], np.arange(g.size))
         assert keep_ratio(spec, kept) == 1.0
         assert compute_ratio(spec, kept) == 1.0
 

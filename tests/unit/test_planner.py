@@ -7,7 +7,7 @@ import torch
 
 from elfish_mpi import profiling
 from elfish_mpi.masking import keep_count, make_masks
-from elfish_mpi.models import Layer, ModelSpec, alexnet, lenet
+from elfish_mpi.models import ModelSpec, alexnet, chain_groups, Chain, lenet
 from elfish_mpi.planner import Planner
 from elfish_mpi.profiling import configurations, fit_cost, macs_fraction
 
@@ -153,7 +153,7 @@ def test_unreachable_deadline_puts_every_layer_at_min_keep():
 def test_plans_are_whole_neurons_and_credit_the_neurons_really_removed():
     # Prepare: workers from 1x to 6x slow (compute-bound), on both models
     for spec in (lenet(), alexnet()):
-        widths = {layer.name: layer.out for layer in spec.layers if layer.maskable}
+        widths = spec.full_widths()
         planner = _planner([0.0] * 6, [1.0, 1.5, 2.0, 3.0, 4.5, 6.0], spec=spec)
 
         # Execute
@@ -226,11 +226,8 @@ def test_first_cut_on_lenet_is_the_most_expensive_per_neuron_layer():
 def test_greedy_ranks_cuts_per_neuron_not_by_total_saving():
     # Prepare: fc-only model; cutting 'narrow' (1 of 20 neurons) saves 1010 MACs,
     # cutting 'wide' (50 of 1000 neurons) saves more in total (1100) but far less per neuron
-    spec = ModelSpec(
-        "toy",
-        (1, 1, 10),
-        (Layer("narrow", "fc", 20), Layer("wide", "fc", 1000), Layer("out", "fc", 2, maskable=False)),
-    )
+    layers = (("narrow", "fc", 20, 0, 0, 0), ("wide", "fc", 1000, 0, 0, 0), ("out", "fc", 2, 0, 0, 0))
+    spec = ModelSpec("toy", lambda: (Chain((1, 1, 10), layers), chain_groups((1, 1, 10), layers)), (1, 1, 10), 2)
     assert spec.macs() == 20 * 10 + 1000 * 20 + 2 * 1000
     assert spec.macs() - spec.macs({"narrow": 19}) == 10 + 1000
     assert spec.macs() - spec.macs({"wide": 950}) == 50 * 20 + 2 * 50

@@ -7,8 +7,8 @@ import torch
 
 from elfish_mpi import data as datamod
 from elfish_mpi.evaluation import evaluate, num_chunks, shares
-from elfish_mpi.models import MaskableCNN, lenet
-from elfish_mpi.submodel import flat_from_state_dict, load_flat
+from elfish_mpi.models import lenet
+from elfish_mpi.submodel import flat_from_state_dict, full_model, load_flat
 
 from test_cli_job import SAMPLE, launch, tiny
 
@@ -42,7 +42,7 @@ def test_nine_ranks_share_the_evaluation_and_record_the_whole_test_sets_figures(
     assert np.all((eval_time > 0).any(axis=1) == (root_share < 1)), (eval_time, root_share)
     # the final model, evaluated here in one process on the same images: the same figures, bit for bit
     spec = lenet()
-    model = MaskableCNN(spec)
+    model = full_model(spec)
     load_flat(model, flat_from_state_dict(spec, state))
     test = datamod.load_test_data("fashion-mnist", str(SAMPLE), TEST_IMAGES)
     torch.set_num_threads(1)
