@@ -31,9 +31,7 @@ Everything after the runs (loading, metrics, tables, plots) is a set of pure fun
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
-import io
 import math
 import os
 import platform
@@ -46,11 +44,11 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
+from . import analysis
 from .checkpoint import write_text_atomic
 
 from .config import STRATEGIES, Config, ConfigError, load_config, parse_override
@@ -264,16 +262,15 @@ def _fmt_elapsed(seconds: float) -> str:
 
 
 class Progress:
-    """One status line per run. On a TTY it is redrawn in place (``\\r``); otherwise plain lines
-    are printed: when a run starts, at most every ``interval`` seconds while it runs, and when it ends."""
+    """Progress of a bench: on a terminal a tqdm bar per run (rounds done, accuracy, elapsed and
+    remaining time); otherwise (a log file, CI) plain lines when a run starts and ends, and
+    messages. Every line goes through tqdm.write, so bars and lines do not overwrite each other."""
 
-    def __init__(self, total: int, stream=None, tty: bool | None = None, interval: float = 10.0):
+    def __init__(self, total: int, stream=None, tty: bool | None = None):
         self.total = total
         self.stream = stream if stream is not None else sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
-        self.interval = interval
-        self._width = 0
-        self._last_plain = 0.0
+        self.bar = None
 
     def line(self, i: int, run: RunSpec, rnd: int, rounds: int, acc: float | None, elapsed: float, state: str = "") -> str:
         acc_s = f"{acc:6.2%}" if acc is not None and math.isfinite(acc) else "   -  "
@@ -281,27 +278,41 @@ class Progress:
         text = f"{head}  round {rnd}/{rounds}  acc {acc_s}  {_fmt_elapsed(elapsed)}"
         return f"{text}  {state}" if state else text
 
-    def update(self, text: str, *, final: bool = False, force: bool = False) -> None:
+    def start(self, i: int, run: RunSpec) -> None:
+        from tqdm import tqdm
+
+        self.close()
         if self.tty:
-            cols = shutil.get_terminal_size((100, 20)).columns
-            text = text[: max(cols - 1, 20)]
-            pad = " " * max(0, self._width - len(text))
-            self.stream.write("\r" + text + pad + ("\n" if final else ""))
-            self._width = 0 if final else len(text)
+            self.bar = tqdm(total=run.rounds, desc=f"[{i}/{self.total}] {run.fleet}/{run.partition} {run.strategy} seed {run.seed}",
+                            unit="round", file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.5)
         else:
-            now = time.monotonic()
-            if not (final or force or now - self._last_plain >= self.interval):
-                return
-            self._last_plain = now
-            self.stream.write(text + "\n")
-        self.stream.flush()
+            self.message(self.line(i, run, 0, run.rounds, None, 0.0, "starting"))
+
+    def round(self, rnd: int, rounds: int, acc: float | None) -> None:
+        if self.bar is not None:
+            self.bar.total = rounds
+            self.bar.n = rnd
+            if acc is not None and math.isfinite(acc):
+                self.bar.set_postfix_str(f"acc {acc:.2%}", refresh=False)
+            self.bar.refresh()
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.refresh()  # (the elapsed time moves on a terminal)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def end(self, text: str) -> None:
+        self.close()
+        self.message(text)
 
     def message(self, text: str) -> None:
-        """A line of its own (ends a status line left open on a TTY)."""
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self._width = 0
-        self.stream.write(text + "\n")
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.stream)
         self.stream.flush()
 
 
@@ -374,7 +385,7 @@ def execute(run: RunSpec, cmd: list[str], progress: Progress, index: int, timeou
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
-        progress.update(progress.line(index, run, 0, run.rounds, None, 0.0, "starting"), force=True)
+        progress.start(index, run)
         timed_out = False
         try:
             eof = False
@@ -390,11 +401,10 @@ def execute(run: RunSpec, cmd: list[str], progress: Progress, index: int, timeou
                     if m:
                         state["round"], state["rounds"] = int(m.group(1)), int(m.group(2))
                         state["acc"] = float(m.group(3)[:-1]) / 100 if m.group(3) != "-" else state["acc"]
-                        progress.update(progress.line(index, run, state["round"], state["rounds"], state["acc"], time.monotonic() - t0))
+                        progress.round(state["round"], state["rounds"], state["acc"])
                         continue
                 elapsed = time.monotonic() - t0
-                if progress.tty:
-                    progress.update(progress.line(index, run, state["round"], state["rounds"], state["acc"], elapsed))
+                progress.tick()
                 if eof:  # the job closed its stdout: wait for it to exit
                     try:
                         proc.wait(timeout=max(timeout - elapsed, 0.1))
@@ -407,477 +417,25 @@ def execute(run: RunSpec, cmd: list[str], progress: Progress, index: int, timeou
                     break
         except BaseException:  # Ctrl-C: end the job, keep what it checkpointed for a later resume
             _kill_group(proc)
+            progress.close()
             raise
         proc.wait()
         reader.join(timeout=5)
     elapsed = time.monotonic() - t0
     final = progress.line(index, run, state["round"], state["rounds"], state["acc"], elapsed)
     if timed_out:
-        progress.update(final + f"  FAILED (over --run-timeout {timeout:g}s)", final=True)
+        progress.end(final + f"  FAILED (over --run-timeout {timeout:g}s)")
         return RunOutcome(run, "failed", f"killed after {timeout:g} s (--run-timeout)\n{_tail(err_log)}", elapsed)
     if proc.returncode != 0:
-        progress.update(final + f"  FAILED (exit {proc.returncode})", final=True)
+        progress.end(final + f"  FAILED (exit {proc.returncode})")
         return RunOutcome(run, "failed", f"exit status {proc.returncode}\n{_tail(err_log)}", elapsed)
     status, detail = checkpoint_state(run)
     if status != "done":
-        progress.update(final + "  FAILED (no finished checkpoint)", final=True)
+        progress.end(final + "  FAILED (no finished checkpoint)")
         what = {"new": "no checkpoint", "partial": f"an unfinished checkpoint ({detail})"}.get(status, detail)
         return RunOutcome(run, "failed", f"the job exited with status 0 but left {what} in {run.run_dir}\n{_tail(err_log)}", elapsed)
-    progress.update(final + "  done", final=True)
+    progress.end(final + "  done")
     return RunOutcome(run, "done", "", elapsed)
-
-
-# --------------------------------------------------------------------------- #
-# results (pure)
-# --------------------------------------------------------------------------- #
-
-
-@dataclass
-class RunResult:
-    fleet: str
-    partition: str
-    strategy: str
-    seed: int
-    metrics: dict[str, np.ndarray]
-    workers: dict[str, np.ndarray]
-    config: dict = field(default_factory=dict)
-    run_dir: str = ""
-
-    @property
-    def rounds(self) -> int:
-        return int(len(self.metrics["round"]))
-
-    @property
-    def num_workers(self) -> int:
-        return int(self.workers["busy_time"].shape[1])
-
-
-def load_result(run: RunSpec) -> RunResult:
-    """A finished run's metrics (truncated to the run's rounds)."""
-    from . import checkpoint as ckptmod
-
-    ck = ckptmod.read(run.run_dir / ckptmod.LATEST_NAME, load_masks=False)
-    n = min(ck.round, run.rounds)
-    metrics = {k: np.asarray(v)[:n] for k, v in ck.metrics.items()}
-    workers = {k: np.asarray(v)[:n] for k, v in ck.workers.items()}
-    return RunResult(run.fleet, run.partition, run.strategy, run.seed, metrics, workers, ck.config, str(run.run_dir))
-
-
-def time_to_target(accuracy, wall_clock, target: float | None) -> float:
-    """Wall-clock seconds at which the test accuracy first reaches ``target`` (nan: never, or no target).
-    Rounds without an evaluation (nan accuracy) never count."""
-    if target is None or not math.isfinite(target):
-        return math.nan
-    acc = np.asarray(accuracy, dtype=float)
-    wall = np.asarray(wall_clock, dtype=float)
-    hit = np.flatnonzero(np.nan_to_num(acc, nan=-np.inf) >= target - 1e-12)
-    return float(wall[hit[0]]) if hit.size else math.nan
-
-
-def accuracy_at_budget(accuracy, wall_clock, budget: float | None) -> float:
-    """Test accuracy of the last evaluated round that ended within ``budget`` wall seconds (nan: none)."""
-    if budget is None:
-        return math.nan
-    acc = np.asarray(accuracy, dtype=float)
-    wall = np.asarray(wall_clock, dtype=float)
-    ok = np.flatnonzero(np.isfinite(acc) & (wall <= budget))
-    return float(acc[ok[-1]]) if ok.size else math.nan
-
-
-def idle_share(idle_time, round_time) -> float:
-    """Share of the workers' round time spent waiting: sum idle / sum(round_time * workers)."""
-    idle = np.asarray(idle_time, dtype=float)
-    rt = np.asarray(round_time, dtype=float)
-    total = float(rt.sum()) * idle.shape[1]
-    return float(idle.sum()) / total if total > 0 else math.nan
-
-
-def final_accuracy(accuracy) -> float:
-    acc = np.asarray(accuracy, dtype=float)
-    acc = acc[np.isfinite(acc)]
-    return float(acc[-1]) if acc.size else math.nan
-
-
-def targets_for(results: list[RunResult], explicit: float | None) -> dict[tuple, float]:
-    """The accuracy target per (fleet, partition, seed): ``explicit`` if given, else FedAvg's final
-    accuracy of the same fleet, partition and seed, else nan."""
-    fedavg = {(r.fleet, r.partition, r.seed): final_accuracy(r.metrics["test_accuracy"]) for r in results if r.strategy == "fedavg"}
-    keys = {(r.fleet, r.partition, r.seed) for r in results}
-    if explicit is not None:
-        return {k: float(explicit) for k in keys}
-    return {k: fedavg.get(k, math.nan) for k in keys}
-
-
-RESULT_COLUMNS = [
-    "fleet", "partition", "strategy", "seed", "rounds", "final_accuracy", "best_accuracy", "target_accuracy",
-    "time_to_target", "median_round_time", "median_virtual_round_time", "idle_share", "bytes_per_round",
-    "accuracy_at_budget", "wall_clock", "run_dir",
-]
-
-
-def clock_of(r: RunResult, clock: str) -> np.ndarray:
-    """Cumulative time at the end of each round: wall (metrics/wall_clock) or virtual
-    (the cumulative sum of metrics/virtual_time, each round's slowest worker)."""
-    if clock == "virtual":
-        return np.cumsum(np.asarray(r.metrics["virtual_time"], dtype=float))
-    return np.asarray(r.metrics["wall_clock"], dtype=float)
-
-
-def result_row(r: RunResult, target: float, budget: float | None, clock: str = "wall") -> dict:
-    m, w = r.metrics, r.workers
-    acc = np.asarray(m["test_accuracy"], dtype=float)
-    t = clock_of(r, clock)
-    return {
-        "fleet": r.fleet,
-        "partition": r.partition,
-        "strategy": r.strategy,
-        "seed": r.seed,
-        "rounds": r.rounds,
-        "final_accuracy": final_accuracy(acc),
-        "best_accuracy": float(np.nanmax(acc)) if np.isfinite(acc).any() else math.nan,
-        "target_accuracy": target,
-        "time_to_target": time_to_target(acc, t, target),
-        "median_round_time": float(np.median(m["round_time"])),
-        "median_virtual_round_time": float(np.median(m["virtual_time"])),
-        "idle_share": idle_share(w["idle_time"], m["round_time"]),
-        "bytes_per_round": float(np.mean(np.asarray(w["bytes_sent"], dtype=float).sum(axis=1))),
-        "accuracy_at_budget": accuracy_at_budget(acc, t, budget),
-        "wall_clock": float(m["wall_clock"][-1]),
-        "run_dir": r.run_dir,
-    }
-
-
-def result_rows(results: list[RunResult], target_accuracy: float | None = None, budget: float | None = None,
-                clock: str = "wall") -> list[dict]:
-    targets = targets_for(results, target_accuracy)
-    return [result_row(r, targets[(r.fleet, r.partition, r.seed)], budget, clock) for r in results]
-
-
-def _mean(values) -> float:
-    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
-    return float(v.mean()) if v.size else math.nan
-
-
-SUMMARY_COLUMNS = [
-    "fleet", "partition", "strategy", "seeds", "final_accuracy_mean", "final_accuracy_std", "final_accuracy_min",
-    "final_accuracy_max", "best_accuracy_mean", "time_to_target_mean", "target_reached", "median_round_time",
-    "speedup_vs_fedavg", "median_virtual_round_time", "virtual_speedup_vs_fedavg", "idle_share", "bytes_per_round",
-    "accuracy_at_budget_mean",
-]
-
-
-def summarize(rows: list[dict], strategy_order: list[str] | None = None) -> list[dict]:
-    """Aggregate the per-run rows over seeds: one row per fleet, partition and strategy.
-    Round times are the mean over seeds of each run's median; the speedups are FedAvg's over the strategy's."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["fleet"], row["partition"], row["strategy"]), []).append(row)
-    order = list(strategy_order or [])
-    order += [s for s in dict.fromkeys(k[2] for k in groups) if s not in order]
-    cells = list(dict.fromkeys((k[0], k[1]) for k in groups))
-    out = []
-    for fleet, part in cells:
-        base = groups.get((fleet, part, "fedavg"))
-        base_rt = _mean(r["median_round_time"] for r in base) if base else math.nan
-        base_vt = _mean(r["median_virtual_round_time"] for r in base) if base else math.nan
-        for strategy in order:
-            g = groups.get((fleet, part, strategy))
-            if not g:
-                continue
-            final = np.asarray([r["final_accuracy"] for r in g], dtype=float)
-            ttt = [r["time_to_target"] for r in g]
-            rt = _mean(r["median_round_time"] for r in g)
-            vt = _mean(r["median_virtual_round_time"] for r in g)
-            out.append({
-                "fleet": fleet,
-                "partition": part,
-                "strategy": strategy,
-                "seeds": len(g),
-                "final_accuracy_mean": float(np.mean(final)),
-                "final_accuracy_std": float(np.std(final, ddof=1)) if len(final) > 1 else 0.0,
-                "final_accuracy_min": float(np.min(final)),
-                "final_accuracy_max": float(np.max(final)),
-                "best_accuracy_mean": _mean(r["best_accuracy"] for r in g),
-                "time_to_target_mean": _mean(ttt),
-                "target_reached": sum(1 for t in ttt if math.isfinite(t)),
-                "median_round_time": rt,
-                "speedup_vs_fedavg": base_rt / rt if rt > 0 else math.nan,
-                "median_virtual_round_time": vt,
-                "virtual_speedup_vs_fedavg": base_vt / vt if vt > 0 else math.nan,
-                "idle_share": _mean(r["idle_share"] for r in g),
-                "bytes_per_round": _mean(r["bytes_per_round"] for r in g),
-                "accuracy_at_budget_mean": _mean(r["accuracy_at_budget"] for r in g),
-            })
-    return out
-
-
-def _csv_cell(value) -> str:
-    if isinstance(value, float):
-        return "" if not math.isfinite(value) else f"{value:.6g}"
-    return str(value)
-
-
-def to_csv(rows: list[dict], columns: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    for row in rows:
-        w.writerow([_csv_cell(row.get(c, "")) for c in columns])
-    return buf.getvalue()
-
-
-def _pct(x: float) -> str:
-    return f"{x:.2%}" if math.isfinite(x) else "–"
-
-
-def _secs(x: float) -> str:
-    if not math.isfinite(x):
-        return "–"
-    return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
-
-
-def _times(x: float) -> str:
-    return f"{x:.2f}×" if math.isfinite(x) else "–"
-
-
-def _mb(x: float) -> str:
-    return f"{x / 1e6:.2f}" if math.isfinite(x) else "–"
-
-
-def summary_markdown(summary: list[dict], header: dict, *, budget: float | None, failures: list[str] = (), plots: dict | None = None,
-                     clock: str = "wall") -> str:
-    """The Markdown report: a header (command, date, host), then one table per fleet/partition."""
-    lines = ["# elfish-mpi bench", ""]
-    for key, value in header.items():
-        lines.append(f"- **{key}**: {value}")
-    lines.append("")
-    lines += [
-        "Final accuracy: test accuracy after the last round (mean ± sample std over seeds). "
-        f"Time to target ({clock} clock): {'wall-clock' if clock == 'wall' else 'cumulative virtual'} seconds of training until the test accuracy first reached the target "
-        "(mean over the seeds that reached it; reached/seeds in brackets). Round times: median over rounds, "
-        "mean over seeds; virtual: the slowest worker's CPU time / capacity. Speedup: FedAvg's median round "
-        "time / the strategy's. Idle share: worker time spent waiting for the round to end. MB/round: "
-        "update payload sent to rank 0 by all workers, per round.",
-        "",
-    ]
-    cells = list(dict.fromkeys((s["fleet"], s["partition"]) for s in summary))
-    for fleet, part in cells:
-        lines += [f"## fleet `{fleet}`, partition `{part}`", ""]
-        cols = ["strategy", "seeds", "final accuracy", "time to target", "median round", "speedup",
-                "median virtual round", "virtual speedup", "idle share", "MB/round"]
-        if budget is not None:
-            cols.append(f"accuracy at {budget:g} s ({clock})")
-        lines.append("| " + " | ".join(cols) + " |")
-        lines.append("|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|")
-        for s in summary:
-            if (s["fleet"], s["partition"]) != (fleet, part):
-                continue
-            acc = _pct(s["final_accuracy_mean"])
-            if s["seeds"] > 1:
-                acc += f" ± {s['final_accuracy_std'] * 100:.2f}"
-            ttt = _secs(s["time_to_target_mean"]) if s["target_reached"] else "not reached"
-            ttt += f" ({s['target_reached']}/{s['seeds']})"
-            cells_ = [
-                s["strategy"], str(s["seeds"]), acc, ttt, _secs(s["median_round_time"]), _times(s["speedup_vs_fedavg"]),
-                _secs(s["median_virtual_round_time"]), _times(s["virtual_speedup_vs_fedavg"]), _pct(s["idle_share"]),
-                _mb(s["bytes_per_round"]),
-            ]
-            if budget is not None:
-                cells_.append(_pct(s["accuracy_at_budget_mean"]))
-            lines.append("| " + " | ".join(cells_) + " |")
-        lines.append("")
-        if plots and (fleet, part) in plots:
-            lines += [f"![{name}]({name})" for name in plots[(fleet, part)]]
-            lines.append("")
-    if failures:
-        lines += ["## Failed runs", ""]
-        lines += [f"- {f}" for f in failures]
-        lines.append("")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- #
-# plots (pure: results in, PNG out)
-# --------------------------------------------------------------------------- #
-
-
-def strategy_colors(strategies: list[str]) -> dict[str, str]:
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
-    return {s: palette[i % len(palette)] for i, s in enumerate(strategies)}
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def curve_over_seeds(results: list[RunResult], axis: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x, mean, min, max) over seeds, aligned by round: x is the mean over seeds of the cumulative
-    time at the end of each evaluated round (``axis`` wall: metrics/wall_clock; virtual: cumsum of
-    metrics/virtual_time); the accuracy's mean, min and max are taken at that round."""
-    n = min(r.rounds for r in results)
-    xs, accs = [], []
-    for r in results:
-        if axis == "wall":
-            x = np.asarray(r.metrics["wall_clock"], dtype=float)[:n]
-        elif axis == "virtual":
-            x = np.cumsum(np.asarray(r.metrics["virtual_time"], dtype=float))[:n]
-        else:
-            raise ValueError(f"axis must be 'wall' or 'virtual', not {axis!r}")
-        xs.append(x)
-        accs.append(np.asarray(r.metrics["test_accuracy"], dtype=float)[:n])
-    xs, accs = np.vstack(xs), np.vstack(accs)
-    ok = np.isfinite(accs).all(axis=0)
-    return xs.mean(axis=0)[ok], accs.mean(axis=0)[ok], accs.min(axis=0)[ok], accs.max(axis=0)[ok]
-
-
-def plot_accuracy(results: list[RunResult], axis: str, path: str | Path, *, title: str = "",
-                  colors: dict[str, str] | None = None, target: float | None = None, target_label: str = "target") -> Path:
-    """Test accuracy against wall-clock or virtual time: per strategy the mean over seeds with a
-    min–max band."""
-    plt = _pyplot()
-    by_strategy: dict[str, list[RunResult]] = {}
-    for r in results:
-        by_strategy.setdefault(r.strategy, []).append(r)
-    colors = colors or strategy_colors(list(by_strategy))
-    order = [s for s in colors if s in by_strategy] + [s for s in by_strategy if s not in colors]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for strategy in order:
-        runs = by_strategy[strategy]
-        x, mean, lo, hi = curve_over_seeds(runs, axis)
-        c = colors.get(strategy, "black")
-        seeds_note = f", {len(runs)} seeds" if len(runs) > 1 else ""
-        label = f"{strategy} (final {mean[-1]:.1%}{seeds_note})" if mean.size else strategy
-        if len(runs) > 1:
-            ax.fill_between(x, lo * 100, hi * 100, color=c, alpha=0.18, linewidth=0)
-        ax.plot(x, mean * 100, color=c, marker="o", markersize=3.5, linewidth=1.8, label=label)
-    if target is not None and math.isfinite(target):
-        ax.axhline(target * 100, color="grey", linestyle=":", linewidth=1, label=f"{target_label} {target:.1%}")
-    if axis == "wall":
-        ax.set_xlabel("wall-clock time since training started (s)")
-    else:
-        ax.set_xlabel("cumulative virtual time (s): per round, the slowest worker's CPU time / capacity")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_xlim(left=0)
-    ax.grid(True, alpha=0.3)
-    seeds = sorted({r.seed for r in results})
-    note = f"mean over {len(seeds)} seeds per round, band: min–max accuracy over the seeds" if len(seeds) > 1 else f"seed {seeds[0]}" if seeds else ""
-    what = "wall-clock time" if axis == "wall" else "virtual time"
-    ax.set_title(f"Test accuracy vs {what}" + (f" — {title}" if title else "") + (f"\n({note})" if note else ""))
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def timeline_panels(results: list[RunResult]) -> list[RunResult]:
-    """The runs drawn by :func:`plot_timeline`: FedAvg then ELFISH (each its lowest seed); when
-    neither ran, the first two strategies."""
-    first: dict[str, RunResult] = {}
-    for r in sorted(results, key=lambda r: r.seed):
-        first.setdefault(r.strategy, r)
-    chosen = [first[s] for s in ("fedavg", "elfish") if s in first]
-    return chosen or list(first.values())[:2]
-
-
-def _capacities(r: RunResult) -> list[float] | None:
-    try:
-        return Config.from_dict(r.config).capacities(r.num_workers)
-    except Exception:  # a config from another version: leave the capacities out
-        return None
-
-
-def plot_timeline(panels: list[RunResult], rounds: int, path: str | Path, *, title: str = "",
-                  colors: dict[str, str] | None = None) -> Path:
-    """Per-worker Gantt chart of the first ``rounds`` rounds, one panel per run (same x scale):
-    a round starts where the previous round's round_time ended; each worker's bar is busy
-    (coloured, from the round start) then idle (grey, hatched) until the round ends."""
-    plt = _pyplot()
-    from matplotlib.patches import Patch
-
-    if not panels:
-        raise ValueError("plot_timeline needs at least one run")
-    colors = colors or strategy_colors([r.strategy for r in panels])
-    heights = [max(r.num_workers, 1) for r in panels]
-    fig, axes = plt.subplots(
-        len(panels), 1, sharex=True, squeeze=False, dpi=120, layout="constrained",
-        figsize=(11, 1.6 + sum(0.5 * h + 0.9 for h in heights)),
-        gridspec_kw={"height_ratios": [h + 1.2 for h in heights]},
-    )
-    def span(r):
-        rt = np.asarray(r.metrics["round_time"], dtype=float)[: min(rounds, r.rounds)]
-        return float(rt.sum())
-
-    xmax = max(span(r) for r in panels) or 1.0
-    for ax, r in zip(axes[:, 0], panels):
-        n = min(rounds, r.rounds)
-        rt = np.asarray(r.metrics["round_time"], dtype=float)[:n]
-        starts = np.concatenate([[0.0], np.cumsum(rt)[:-1]])
-        busy = np.minimum(np.asarray(r.workers["busy_time"], dtype=float)[:n], rt[:, None])
-        keep = np.asarray(r.workers["keep_ratio"], dtype=float)[:n] if "keep_ratio" in r.workers else None
-        soft = keep is not None and bool((keep < 0.995).any())
-        end = float(starts[-1] + rt[-1]) if n else 0.0
-        caps = _capacities(r)
-        color = colors.get(r.strategy, "#1f77b4")
-        workers = r.num_workers
-        for w in range(workers):
-            y = workers - 1 - w  # worker 1 on top
-            ax.broken_barh([(starts[i], busy[i, w]) for i in range(n)], (y - 0.35, 0.7),
-                           facecolors=color, edgecolors="white", linewidth=0.5)
-            ax.broken_barh([(starts[i] + busy[i, w], rt[i] - busy[i, w]) for i in range(n)], (y - 0.35, 0.7),
-                           facecolors="#e6e6e6", edgecolors="#9a9a9a", hatch="///", linewidth=0.5)
-            if soft:  # the keep ratio inside each busy bar wide enough to hold it
-                for i in range(n):
-                    wide = busy[i, w] / xmax
-                    text = f"keep {keep[i, w]:.2f}" if wide > 0.075 else f"{keep[i, w]:.2f}" if wide > 0.025 else ""
-                    if text:
-                        ax.text(starts[i] + busy[i, w] / 2, y, text, ha="center", va="center", fontsize=7, color="white")
-        for i in range(n):
-            ax.axvline(starts[i], color="black", linewidth=0.8, alpha=0.5)
-            wide = rt[i] / xmax
-            text = f"round {i + 1}" if wide > 0.06 else f"{i + 1}" if wide > 0.015 else ""
-            if text:
-                ax.text(starts[i] + rt[i] / 2, workers - 0.45, text, ha="center", va="bottom", fontsize=8)
-        ax.axvline(end, color="black", linewidth=0.8, alpha=0.5)
-        ax.set_yticks(range(workers))
-        labels = [f"worker {w + 1}" + (f" (capacity {caps[w]:g})" if caps else "") for w in range(workers)]
-        ax.set_yticklabels(list(reversed(labels)))
-        ax.set_ylim(-0.6, workers + 0.1)
-        idle = idle_share(np.asarray(r.workers["idle_time"], dtype=float)[:n], rt) if n else math.nan
-        what = "numbers in the bars: keep ratio (share of the model trained)" if soft else "full model on every worker"
-        ax.set_title(f"{r.strategy} (seed {r.seed}): {n} rounds in {end:.2f} s, idle share {idle:.0%}; {what}", fontsize=10)
-        ax.grid(True, axis="x", alpha=0.3)
-    axes[-1, 0].set_xlim(0, xmax * 1.01)
-    axes[-1, 0].set_xlabel("wall-clock time since the first round started (s)")
-    handles = [Patch(facecolor=colors.get(r.strategy, "#1f77b4"), label=f"busy: {r.strategy} training") for r in panels]
-    handles.append(Patch(facecolor="#e6e6e6", edgecolor="#9a9a9a", hatch="///", label="idle: waiting for the round to end"))
-    fig.suptitle("Per-worker timeline of the first rounds" + (f" — {title}" if title else ""), fontsize=12)
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def write_plots(results: list[RunResult], out: Path, *, prefix: str = "", title: str = "", timeline_rounds: int = 5,
-                colors: dict[str, str] | None = None, target: float | None = None, target_label: str = "target") -> list[str]:
-    """The three PNGs for one fleet/partition; returns their file names."""
-    names = []
-    for axis, name in (("wall", "accuracy_vs_wall.png"), ("virtual", "accuracy_vs_virtual.png")):
-        plot_accuracy(results, axis, out / f"{prefix}{name}", title=title, colors=colors, target=target,
-                      target_label=target_label)
-        names.append(f"{prefix}{name}")
-    panels = timeline_panels(results)
-    if panels:
-        plot_timeline(panels, timeline_rounds, out / f"{prefix}timeline.png", title=title, colors=colors)
-        names.append(f"{prefix}timeline.png")
-    return names
 
 
 # --------------------------------------------------------------------------- #
@@ -996,7 +554,8 @@ def main(argv: list[str]) -> int:
     results = []
     for run in finished:
         try:
-            results.append(load_result(run))
+            results.append(analysis.open_run(run.run_dir, rounds=run.rounds, fleet=run.fleet, partition=run.partition,
+                                             strategy=run.strategy, seed=run.seed, label=run.label))
         except Exception as exc:  # a checkpoint that went bad since: report, go on
             failures.append(f"{run.label}: cannot read its checkpoint: {exc}")
     if results:
@@ -1010,26 +569,29 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def write_reports(results: list[RunResult], out: Path, *, argv: list[str], np_: int, runs: list[RunSpec],
+def write_reports(results: list, out: Path, *, argv: list[str], np_: int, runs: list[RunSpec],
                   strategies: list[str], target_accuracy: float | None, budget: float | None,
                   timeline_rounds: int, failures: list[str], clock: str = "wall") -> None:
-    rows = result_rows(results, target_accuracy, budget, clock)
-    write_text_atomic(out / "results.csv", to_csv(rows, RESULT_COLUMNS))
-    summary = summarize(rows, strategies)
-    write_text_atomic(out / "summary.csv", to_csv(summary, SUMMARY_COLUMNS))
-    colors = strategy_colors(strategies)
+    """results.csv, summary.csv and summary.md (analysis.py's tables) and the plots (report.py)."""
+    from . import report
+
+    rows = analysis.results_table(results, target_accuracy, budget, clock)
+    write_text_atomic(out / "results.csv", analysis.to_csv(rows, analysis.RESULT_COLUMNS))
+    summary = analysis.summarize(rows, strategies)
+    write_text_atomic(out / "summary.csv", analysis.to_csv(summary, analysis.SUMMARY_COLUMNS))
+    colors = report.strategy_colors(strategies)
     cells = list(dict.fromkeys((r.fleet, r.partition) for r in results))
     several = len(cells) > 1
     plots = {}
     for fleet, part in cells:
         cell = [r for r in results if (r.fleet, r.partition) == (fleet, part)]
-        targets = {row["target_accuracy"] for row in rows if (row["fleet"], row["partition"]) == (fleet, part)}
+        targets = set(rows.loc[(rows["fleet"] == fleet) & (rows["partition"] == part), "target_accuracy"].tolist())
         target = targets.pop() if len(targets) == 1 else None
-        plots[(fleet, part)] = write_plots(
+        plots[(fleet, part)] = report.write_plots(
             cell, out, prefix=f"{fleet}_{part}_" if several else "", title=f"fleet {fleet}, {part} partition",
             timeline_rounds=timeline_rounds, colors=colors, target=target,
             target_label="target" if target_accuracy is not None else "target (FedAvg's final accuracy)",
         )
-    md = summary_markdown(summary, _header(argv, np_, runs, target_accuracy), budget=budget, failures=failures, plots=plots,
-                          clock=clock)
+    md = analysis.summary_markdown(summary, _header(argv, np_, runs, target_accuracy), budget=budget, failures=failures,
+                                   plots=plots, clock=clock)
     write_text_atomic(out / "summary.md", md)

@@ -1,4 +1,4 @@
-"""Command line: ``elfish-mpi train|inspect|evaluate|export|validate|config`` (and bench, calibrate, perf). ``main(argv) -> int``.
+"""Command line: ``elfish-mpi train|inspect|evaluate|export|validate|config`` (and bench, report, calibrate, perf). ``main(argv) -> int``.
 
 ``train`` runs under MPI (``mpiexec -n N elfish-mpi train ...``): rank 0 aggregates, ranks
 1..N-1 are workers. Rank 0 checks the config, the data and the run directory before any
@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-path", metavar="PATH", help="its file or directory (default: the run's data.path, or the standard places)")
     e.add_argument("--samples", type=int, metavar="N", help="the first N test images (default: the run's data.test_samples; 0: all)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
-    x = sub.add_parser("export", help="write a checkpoint's global model (or a slimmer sub-network) as safetensors or a torch state_dict")
+    x = sub.add_parser("export", help="write a checkpoint's global model (or a slimmer sub-network) as safetensors, ONNX or a torch state_dict")
     x.add_argument("checkpoint")
-    x.add_argument("--format", default="safetensors", help="safetensors (default) or pt (a torch state_dict and metadata)")
+    x.add_argument("--format", default="safetensors", help="safetensors (default), onnx (an ONNX graph with a free batch "
+                   "size; needs onnx and onnxscript) or pt (a torch state_dict and metadata)")
     x.add_argument("--out", required=True, help="the file to write")
     x.add_argument("--keep", type=float, default=1.0, metavar="R", help="a sub-network keeping this share of each "
                    "neuron group's units (those with the largest weights); default 1: the whole model")
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("checkpoint")
     for name, text in (
         ("bench", "run strategies side by side and write tables and plots (elfish-mpi bench --help)"),
+        ("report", "plots and a table of runs from their checkpoints (elfish-mpi report --help)"),
         ("calibrate", "measure each worker's achieved speed under a throttle (under mpiexec)"),
         ("perf", "micro-benchmarks: soft-training speed, update transports"),
     ):
@@ -523,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
 
         signals.install()  # catch a stop signal from the very start, before the heavy imports
         supervisor.attach()
-    if argv and argv[0] in ("bench", "calibrate", "perf"):  # commands with parsers of their own
+    if argv and argv[0] in ("bench", "calibrate", "perf", "report"):  # commands with parsers of their own
         import importlib
 
         return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:])

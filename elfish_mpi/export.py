@@ -1,5 +1,5 @@
-"""The global model of a checkpoint, out of elfish-mpi: a safetensors file or a torch state_dict
-(``elfish-mpi export``), whole or as a slimmer sub-network (``--keep R``).
+"""The global model of a checkpoint, out of elfish-mpi: a safetensors file, an ONNX graph or a
+torch state_dict (``elfish-mpi export``), whole or as a slimmer sub-network (``--keep R``).
 
 The file carries the model's description as metadata (model name and norm, classes, input
 shape, the width of every neuron group, the keep ratio, the round and the source
@@ -25,7 +25,7 @@ from .models import ModelSpec, spec_of
 from .provenance import from_attrs
 from .submodel import build_submodel, flat_from_state_dict, full_model
 
-FORMATS = ("safetensors", "pt")
+FORMATS = ("safetensors", "onnx", "pt")
 
 
 class ExportError(ValueError):
@@ -101,6 +101,34 @@ def _is_hdf5(path: Path) -> bool:
         return f.read(8) == b"\x89HDF\r\n\x1a\n"
 
 
+def _write_onnx(model: torch.nn.Module, meta: dict[str, str], path: Path) -> None:
+    """The model as an ONNX graph (torch.onnx's exporter: input ``images`` (batch, C, H, W) with
+    a free batch size, output ``logits``), the metadata as the graph's metadata_props."""
+    import contextlib
+    import io
+    import warnings
+
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise ExportError('--format onnx needs the onnx and onnxscript packages: pip install -e ".[export]"') from None
+    example = torch.zeros((2, *json.loads(meta["in_shape"])))
+    chatter = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
+                              dynamic_shapes=({0: "batch"},), dynamo=True, verbose=False)
+        except Exception as exc:
+            raise ExportError(f"torch.onnx could not export {meta['model']}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    graph = onnx.load(str(path))
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+
+
 def write(path: str | Path, out: str | Path, fmt: str, keep: float = 1.0) -> dict[str, str]:
     """Export; returns the metadata written. safetensors needs the ``safetensors`` package."""
     if fmt not in FORMATS:
@@ -120,6 +148,8 @@ def write(path: str | Path, out: str | Path, fmt: str, keep: float = 1.0) -> dic
         except ImportError:
             raise ExportError("--format safetensors needs the safetensors package: pip install safetensors") from None
         save_file(state, str(tmp), metadata=meta)
+    elif fmt == "onnx":
+        _write_onnx(model, meta, tmp)
     else:
         torch.save({"state_dict": state, "metadata": meta}, tmp)
     tmp.replace(out)  # (never a half-written file where the user asked for one)

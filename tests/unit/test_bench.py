@@ -4,14 +4,16 @@ import csv
 import io
 import math
 import os
+import re
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from elfish_mpi import bench
+from elfish_mpi import analysis, bench, report
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests" / "data" / "fashion-mnist"
@@ -55,14 +57,14 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def fake_result(strategy: str, seed: int, acc, wall, workers: int = 2, fleet="f", part="iid") -> bench.RunResult:
+def fake_result(strategy: str, seed: int, acc, wall, workers: int = 2, fleet="f", part="iid") -> analysis.Run:
     acc = np.asarray(acc, dtype=float)
     wall = np.asarray(wall, dtype=float)
     rounds = len(acc)
     rt = np.diff(np.concatenate([[0.0], wall]))
     busy = np.tile(np.linspace(0.3, 1.0, workers), (rounds, 1)) * rt[:, None]
-    return bench.RunResult(
-        fleet, part, strategy, seed,
+    return analysis.Run.from_arrays(
+        strategy=strategy, seed=seed, fleet=fleet, partition=part,
         metrics={"round": np.arange(1, rounds + 1), "round_time": rt, "virtual_time": rt / 2, "wall_clock": wall,
                  "test_accuracy": acc},
         workers={"busy_time": busy, "idle_time": rt[:, None] - busy, "bytes_sent": np.full((rounds, workers), 1000.0),
@@ -87,7 +89,7 @@ def test_bench_writes_runs_tables_and_plots(done):
 def test_results_csv_has_one_row_per_run(done):
     out, _ = done
     rows = read_csv(out / "results.csv")
-    assert list(rows[0]) == bench.RESULT_COLUMNS
+    assert list(rows[0]) == analysis.RESULT_COLUMNS
     assert [(r["strategy"], r["seed"], r["rounds"]) for r in rows] == [("fedavg", "0", "3"), ("elfish", "0", "3")]
     fedavg, elfish = rows
     for r in rows:
@@ -110,7 +112,7 @@ def test_summary_has_a_row_per_strategy(done):
     assert [line.split("|")[1].strip() for line in table[1:]] == ["fedavg", "elfish"]
     assert "1.00×" in table[1]  # FedAvg against itself
     rows = read_csv(out / "summary.csv")
-    assert list(rows[0]) == bench.SUMMARY_COLUMNS
+    assert list(rows[0]) == analysis.SUMMARY_COLUMNS
     assert [r["strategy"] for r in rows] == ["fedavg", "elfish"]
     assert float(rows[0]["speedup_vs_fedavg"]) == pytest.approx(1.0)
 
@@ -153,14 +155,15 @@ def test_result_metrics_from_a_real_checkpoint(done):
     out, _ = done
     runs = bench.plan_runs(config=None, strategies=["fedavg", "elfish"], seeds=[0], fleets=[], partitions=[],
                            sets=[a for a in TINY if a != "--set"], out=out, num_workers=2)
-    results = [bench.load_result(r) for r in runs]
+    results = [analysis.open_run(r.run_dir, rounds=r.rounds, fleet=r.fleet, partition=r.partition, strategy=r.strategy, seed=r.seed)
+               for r in runs]
     assert [r.strategy for r in results] == ["fedavg", "elfish"]
     for r in results:
         assert r.rounds == 3 and r.num_workers == 2
-        rt = r.metrics["round_time"]
+        rt = r.metrics["round_time"].to_numpy()
         # idle + busy fill each worker's round
-        np.testing.assert_allclose(r.workers["idle_time"] + np.minimum(r.workers["busy_time"], rt[:, None]), np.tile(rt, (2, 1)).T, rtol=1e-9)
-    x, mean, lo, hi = bench.curve_over_seeds(results[:1], "virtual")
+        np.testing.assert_allclose(r.per_worker("idle_time") + np.minimum(r.per_worker("busy_time"), rt[:, None]), np.tile(rt, (2, 1)).T, rtol=1e-9)
+    x, mean, lo, hi = report.curve_over_seeds(results[:1], "virtual")
     np.testing.assert_allclose(x, np.cumsum(results[0].metrics["virtual_time"]))
     np.testing.assert_allclose(mean, results[0].metrics["test_accuracy"])
 
@@ -250,33 +253,33 @@ def test_launcher_is_found_next_to_python_or_on_path():
 def test_time_to_target():
     acc = [0.2, np.nan, 0.5, 0.7, 0.65, 0.8]
     wall = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-    assert bench.time_to_target(acc, wall, 0.5) == 3.0  # reached exactly
-    assert bench.time_to_target(acc, wall, 0.6) == 4.0  # first round at or above, not the last
-    assert bench.time_to_target(acc, wall, 0.1) == 1.0
-    assert math.isnan(bench.time_to_target(acc, wall, 0.9))  # never
-    assert math.isnan(bench.time_to_target(acc, wall, None))
-    assert math.isnan(bench.time_to_target([np.nan, np.nan], [1.0, 2.0], 0.0))  # unevaluated rounds never count
+    assert analysis.time_to_target(acc, wall, 0.5) == 3.0  # reached exactly
+    assert analysis.time_to_target(acc, wall, 0.6) == 4.0  # first round at or above, not the last
+    assert analysis.time_to_target(acc, wall, 0.1) == 1.0
+    assert math.isnan(analysis.time_to_target(acc, wall, 0.9))  # never
+    assert math.isnan(analysis.time_to_target(acc, wall, None))
+    assert math.isnan(analysis.time_to_target([np.nan, np.nan], [1.0, 2.0], 0.0))  # unevaluated rounds never count
 
 
 def test_accuracy_at_budget_and_idle_share():
     acc = [0.2, np.nan, 0.5, 0.7]
     wall = [1.0, 2.0, 3.0, 4.0]
-    assert bench.accuracy_at_budget(acc, wall, 3.5) == 0.5
-    assert bench.accuracy_at_budget(acc, wall, 2.5) == 0.2  # round 2 was not evaluated
-    assert math.isnan(bench.accuracy_at_budget(acc, wall, 0.5))
-    assert math.isnan(bench.accuracy_at_budget(acc, wall, None))
+    assert analysis.accuracy_at_budget(acc, wall, 3.5) == 0.5
+    assert analysis.accuracy_at_budget(acc, wall, 2.5) == 0.2  # round 2 was not evaluated
+    assert math.isnan(analysis.accuracy_at_budget(acc, wall, 0.5))
+    assert math.isnan(analysis.accuracy_at_budget(acc, wall, None))
     idle = np.array([[0.0, 1.0], [0.5, 1.5]])
-    assert bench.idle_share(idle, [2.0, 2.0]) == pytest.approx(3.0 / 8.0)
+    assert analysis.idle_share(idle, [2.0, 2.0]) == pytest.approx(3.0 / 8.0)
 
 
 def test_targets_default_to_fedavg_of_the_same_seed():
     results = [fake_result("fedavg", 0, [0.5, 0.6], [1, 2]), fake_result("fedavg", 1, [0.5, 0.7], [1, 2]),
                fake_result("elfish", 0, [0.55, 0.65], [0.5, 1.0]), fake_result("elfish", 2, [0.5, 0.6], [1, 2])]
-    rows = bench.result_rows(results)
+    rows = analysis.results_table(results).to_dict("records")
     by = {(r["strategy"], r["seed"]): r for r in rows}
     assert by[("elfish", 0)]["target_accuracy"] == 0.6 and by[("elfish", 0)]["time_to_target"] == 1.0
     assert math.isnan(by[("elfish", 2)]["target_accuracy"])  # no FedAvg run of seed 2
-    explicit = bench.result_rows(results, target_accuracy=0.55, budget=0.7)
+    explicit = analysis.results_table(results, target_accuracy=0.55, budget=0.7).to_dict("records")
     assert len(explicit) == len(results) and all(r["target_accuracy"] == 0.55 for r in explicit)
     assert next(r for r in explicit if (r["strategy"], r["seed"]) == ("elfish", 0))["accuracy_at_budget"] == 0.55
 
@@ -284,29 +287,29 @@ def test_targets_default_to_fedavg_of_the_same_seed():
 def test_summary_aggregates_over_seeds():
     results = [fake_result("fedavg", s, [0.5, a], [2, 4]) for s, a in ((0, 0.6), (1, 0.7))]
     results += [fake_result("elfish", s, [0.55, a], [1, 2]) for s, a in ((0, 0.62), (1, 0.64))]
-    summary = bench.summarize(bench.result_rows(results), ["fedavg", "elfish"])
-    fedavg, elfish = summary
+    summary = analysis.summarize(analysis.results_table(results), ["fedavg", "elfish"])
+    fedavg, elfish = summary.to_dict("records")
     assert (fedavg["strategy"], fedavg["seeds"]) == ("fedavg", 2)
     assert fedavg["final_accuracy_mean"] == pytest.approx(0.65)
     assert fedavg["final_accuracy_std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
     assert elfish["speedup_vs_fedavg"] == pytest.approx(2.0)
     assert elfish["bytes_per_round"] == 2000.0
     assert elfish["target_reached"] == 1 and elfish["time_to_target_mean"] == 2.0  # 0.62 >= 0.6, 0.64 < 0.7
-    md = bench.summary_markdown(summary, {"command": "`x`"}, budget=None)
+    md = analysis.summary_markdown(summary, {"command": "`x`"}, budget=None)
     assert "| elfish | 2 | 63.00% ± 1.41 | 2.000 s (1/2) | 1.000 s | 2.00×" in md
 
 
 def test_plots_from_hand_made_results(tmp_path):
     results = [fake_result("fedavg", s, [0.3, 0.5, 0.6 + 0.01 * s], [2, 4, 6]) for s in (0, 1, 2)]
     results += [fake_result("elfish", s, [0.35, 0.55, 0.6], [1, 2, 3.5 + s]) for s in (0, 1, 2)]
-    names = bench.write_plots(results, tmp_path, prefix="f_iid_", title="test", timeline_rounds=2, target=0.6)
+    names = report.write_plots(results, tmp_path, prefix="f_iid_", title="test", timeline_rounds=2, target=0.6)
     assert names == ["f_iid_accuracy_vs_wall.png", "f_iid_accuracy_vs_virtual.png", "f_iid_timeline.png"]
     for name in names:
         png_size(tmp_path / name)
-    assert [r.strategy for r in bench.timeline_panels(results)] == ["fedavg", "elfish"]
-    x, mean, lo, hi = bench.curve_over_seeds(results[3:], "wall")
+    assert [r.strategy for r in report.timeline_panels(results)] == ["fedavg", "elfish"]
+    x, mean, lo, hi = report.curve_over_seeds(results[3:], "wall")
     np.testing.assert_allclose(x, [1, 2, 4.5])  # mean time at the end of each round
-    x, mean, lo, hi = bench.curve_over_seeds(results[:3], "virtual")
+    x, mean, lo, hi = report.curve_over_seeds(results[:3], "virtual")
     np.testing.assert_allclose(x, [1, 2, 3])  # cumulative virtual time
     np.testing.assert_allclose(lo, [0.3, 0.5, 0.6])
     np.testing.assert_allclose(mean, [0.3, 0.5, 0.61])
@@ -319,14 +322,95 @@ def test_progress_lines():
     m = bench.ROUND_RE.match("round    3/10  acc 54.20%  time   0.977s  keep [1.00 1.00 0.96 0.25]")
     assert m and m.groups() == ("3", "10", "54.20%")
     assert bench.ROUND_RE.match("round    4/10  acc    -    time   0.977s  keep [1.00]").group(3) == "-"
+    # without a terminal: a line when a run starts and when it ends, nothing per round
     plain = io.StringIO()
     p = bench.Progress(4, stream=plain, tty=False)
-    p.update(p.line(2, run, 3, 10, 0.542, 12.3), force=True)
-    p.update(p.line(2, run, 4, 10, 0.55, 13.0))  # within the interval: not printed
-    assert plain.getvalue() == "[2/4] quickstart/iid elfish seed 2  round 3/10  acc 54.20%   12.3s\n"
+    p.start(2, run)
+    p.round(3, 10, 0.542)
+    p.end(p.line(2, run, 10, 10, 0.55, 75.0, "done"))
+    assert plain.getvalue() == ("[2/4] quickstart/iid elfish seed 2  round 0/10  acc    -      0.0s  starting\n"
+                                "[2/4] quickstart/iid elfish seed 2  round 10/10  acc 55.00%  1m15s  done\n")
+    # on a terminal: a tqdm bar of the run's rounds with its accuracy, then the final line
     tty = io.StringIO()
     p = bench.Progress(4, stream=tty, tty=True)
-    p.update(p.line(2, run, 3, 10, 0.542, 12.3))
-    p.update(p.line(2, run, 4, 10, 0.55, 75.0), final=True)
-    assert tty.getvalue().startswith("\r[2/4]") and "\r[2/4] quickstart/iid elfish seed 2  round 4/10  acc 55.00%  1m15s" in tty.getvalue()
-    assert tty.getvalue().endswith("\n")
+    p.start(2, run)
+    p.round(4, 10, 0.55)
+    assert p.bar is not None and p.bar.n == 4 and "acc 55.00%" in str(p.bar)
+    assert "[2/4] quickstart/iid elfish seed 2" in tty.getvalue() and "4/10" in tty.getvalue()
+    p.end("[2/4] done")
+    assert p.bar is None and tty.getvalue().endswith("[2/4] done\n")
+
+
+# ---------------------------------------------------------------- analysis and report on the real runs
+def readme_snippet() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Analysing runs"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_analysis_example_runs_as_written(done, tmp_path):
+    # Prepare: runs/quickstart is one of the bench's real runs
+    out, _ = done
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(next(out.glob("runs/*/*/elfish/seed0")))
+    # Execute
+    res = subprocess.run([sys.executable, "-c", readme_snippet()], capture_output=True, text=True,
+                                       cwd=tmp_path, timeout=120)
+    # Assert
+    assert res.returncode == 0, res.stderr
+    assert "test_accuracy" in res.stdout and "final_accuracy" in res.stdout and "'conv1'" in res.stdout
+
+
+def test_analysis_reads_a_run_as_dataframes(done):
+    out, _ = done
+    run = analysis.open_run(next(out.glob("runs/*/*/elfish/seed0")))
+    assert list(run.metrics.index) == [1, 2, 3] and run.metrics.index.name == "round"
+    assert {"test_accuracy", "round_time", "virtual_time", "wall_clock"} <= set(run.metrics.columns)
+    assert len(run.workers) == 3 * 2 and {"round", "worker", "rank", "keep_ratio", "busy_time"} <= set(run.workers.columns)
+    assert run.per_worker("busy_time").shape == (3, 2) and run.strategy == "elfish" and run.seed == 0
+    assert sorted(run.coverage) == ["conv1", "conv2", "fc1"]
+    masks = run.masks(3)
+    assert len(masks) == 2 and all(sorted(m) == ["conv1", "conv2", "fc1"] for m in masks)
+    assert masks[1]["conv1"].size == np.count_nonzero(masks[1]["conv1"] >= 0) and masks[1]["conv1"].size < 20
+    # a checkpoint file reads the same as its directory
+    same = analysis.open_run(run.path)
+    assert same.metrics.equals(run.metrics) and same.workers.equals(run.workers)
+
+
+def test_analysis_refuses_a_format_version_it_cannot_read(done, tmp_path):
+    import h5py
+
+    from elfish_mpi.checkpoint import CheckpointError
+
+    out, _ = done
+    copy = tmp_path / "future.h5"
+    copy.write_bytes((next(out.glob("runs/*/*/elfish/seed0")) / "checkpoint.h5").read_bytes())
+    with h5py.File(copy, "r+") as f:
+        f.attrs["format_version"] = np.int64(99)
+    with pytest.raises(CheckpointError, match="unsupported format_version 99"):
+        analysis.open_run(copy)
+
+
+def test_report_of_a_bench_directory_and_of_a_run(done, tmp_path):
+    # Prepare
+    out, _ = done
+    one = next(out.glob("runs/*/*/fedavg/seed0"))
+    for what, target in (([str(out)], tmp_path / "bench"), ([str(one), str(one / "checkpoint.h5")], tmp_path / "one")):
+        # Execute
+        res = subprocess.run([sys.executable, "-m", "elfish_mpi", "report", *what, "--out", str(target)],
+                                           capture_output=True, text=True, timeout=240, cwd=ROOT)
+        # Assert: every plot is a PNG of a readable size, and the page shows the table and the plots
+        assert res.returncode == 0, res.stderr
+        pngs = sorted(p.name for p in target.glob("*.png"))
+        assert {"curves.png", "timeline.png", "keep_ratio.png", "bytes.png"} <= set(pngs)
+        assert any(p.startswith("coverage-") for p in pngs)
+        for p in pngs:
+            w, h = png_size(target / p)
+            assert w >= 600 and h >= 250, (p, w, h)
+        md = (target / "report.md").read_text()
+        rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+        assert len(rows) == len(what) if target.name == "one" else len(rows) == 2
+        assert all(f"![{p}]({p})" in md for p in pngs)
+    bad = subprocess.run([sys.executable, "-m", "elfish_mpi", "report", str(tmp_path / "nothing"), "--out",
+                                        str(tmp_path / "x")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "no such run directory or checkpoint" in bad.stderr and "Traceback" not in bad.stderr

@@ -182,7 +182,7 @@ def test_evaluate_gives_the_runs_own_figures_and_per_class(finished_run):
     assert bad.returncode == 2 and bad.stderr.startswith("elfish-mpi: error: ") and "Traceback" not in bad.stderr, bad.stderr
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx", "pt"])
 def test_export_round_trips_whole_and_slim(finished_run, tmp_path, fmt):
     import torch
 
@@ -201,6 +201,19 @@ def test_export_round_trips_whole_and_slim(finished_run, tmp_path, fmt):
         assert res.returncode == 0, res.stderr
         # Assert: loaded back into the model class its metadata describes, it computes what the
         # checkpoint's model (or its sub-network) computes
+        if fmt == "onnx":  # through onnxruntime: the graph computes what the checkpoint's model computes
+            import onnx
+            import onnxruntime
+
+            graph = onnx.load(str(out))
+            onnx.checker.check_model(graph)
+            meta = {p.key: p.value for p in graph.metadata_props}
+            ref, _ = exportmod.model_of(finished_run / "checkpoint.h5", keep)
+            got = onnxruntime.InferenceSession(str(out)).run(["logits"], {"images": x.numpy()})[0]
+            with torch.no_grad():
+                np.testing.assert_allclose(got, ref(x).numpy(), rtol=1e-5, atol=1e-5)
+            assert meta["model"] == "lenet" and json.loads(meta["widths"])["conv1"] == (20 if keep == 1.0 else 10)
+            continue
         if fmt == "safetensors":
             from safetensors import safe_open
             from safetensors.torch import load_file
@@ -225,7 +238,7 @@ def test_export_round_trips_whole_and_slim(finished_run, tmp_path, fmt):
     bad = subprocess.run([sys.executable, "-m", "elfish_mpi", "export", str(finished_run / "checkpoint.h5"),
                           "--format", "onnx2", "--out", str(tmp_path / "x")], capture_output=True, text=True,
                          timeout=TIMEOUT, cwd=ROOT)
-    assert bad.returncode == 2 and "choose one of safetensors, pt" in bad.stderr and not (tmp_path / "x").exists()
+    assert bad.returncode == 2 and "choose one of safetensors, onnx, pt" in bad.stderr and not (tmp_path / "x").exists()
     # never over a checkpoint (its own source included), nor into a directory that is not there
     source = tmp_path / "source.h5"
     source.write_bytes((finished_run / "checkpoint.h5").read_bytes())
