@@ -79,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the metrics as JSON")
     i.add_argument("--masks", type=int, metavar="ROUND", help="print the neurons each worker kept in round ROUND")
     e = sub.add_parser("evaluate", help="accuracy and loss of a checkpoint's global model on a test set, per class too")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint file or a run directory (its checkpoint.h5)")
     e.add_argument("--data", metavar="NAME", help="data set (default: the run's data.name)")
     e.add_argument("--data-path", metavar="PATH", help="its file or directory (default: the run's data.path, or the standard places)")
     e.add_argument("--samples", type=int, metavar="N", help="the first N test images (default: the run's data.test_samples; 0: all)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     x = sub.add_parser("export", help="write a checkpoint's global model (or a slimmer sub-network) as safetensors, ONNX or a torch state_dict")
-    x.add_argument("checkpoint")
+    x.add_argument("checkpoint", help="a checkpoint file or a run directory (its checkpoint.h5)")
     x.add_argument("--format", default="safetensors", help="safetensors (default), onnx (an ONNX graph with a free batch "
                    "size; needs onnx and onnxscript) or pt (a torch state_dict and metadata)")
     x.add_argument("--out", required=True, help="the file to write")
@@ -443,13 +443,13 @@ def evaluate(args) -> int:
     images, chunks and figures as the run's evaluation of that round's model)."""
     import torch
 
-    from . import checkpoint as ckptmod
+    from . import analysis
     from . import data as datamod
     from .evaluation import evaluate as evaluate_model, per_class
     from .models import spec_of
     from .submodel import flat_from_state_dict, full_model, layout
 
-    ck = ckptmod.read(args.checkpoint, load_masks=False)
+    ck = analysis.open_run(args.checkpoint).checkpoint  # (a run directory or a checkpoint file)
     data = ck.config.get("data", {}) if isinstance(ck.config, dict) else {}
     name = args.data or data.get("name", "fashion-mnist")
     path = args.data_path if args.data_path is not None else (data.get("path", "") if not args.data else "")

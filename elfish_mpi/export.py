@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckptmod
 from .masking import keep_count
 from .models import ModelSpec, spec_of
 from .provenance import from_attrs
@@ -52,7 +51,9 @@ def model_of(path: str | Path, keep: float = 1.0) -> tuple[torch.nn.Module, dict
     """The checkpoint's global model (or its sub-network at ``keep``) and its metadata."""
     if not 0.0 < keep <= 1.0:
         raise ExportError(f"--keep {keep:g} must lie in (0, 1]")
-    ck = ckptmod.read(path, load_masks=False)
+    from . import analysis
+
+    ck = analysis.open_run(path).checkpoint  # (a run directory or a checkpoint file)
     attrs = ck.attrs
     model_cfg = dict(ck.config.get("model", {}) if isinstance(ck.config, dict) else {})
     name = model_cfg["name"] = str(attrs.get("model") or model_cfg.get("name", ""))
