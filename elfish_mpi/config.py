@@ -116,7 +116,7 @@ class DataConfig:
     alpha: float = _doc("Dirichlet concentration for partition = dirichlet (smaller: more label skew).", 0.5)
     shards_per_worker: int = _doc("Shards per worker for partition = shards.", 2)
     max_samples: int = _doc("Cap on each worker's training samples (0: all of its partition).", 0)
-    test_samples: int = _doc("Test samples the global model is evaluated on: the first this many of the test split (0: all of it).", 0)
+    test_samples: int = _doc("Test samples the global model is evaluated on: the first this many of the test split (0: all of it; a split stored in class order, as the CIFAR-10 npz, is taken in a fixed shuffled order).", 0)
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATA_NAMES)

@@ -786,7 +786,7 @@ def load_worker_data(
     """The train split restricted to worker `worker_index` (0-based) of the partition.
 
     Only that worker's images are materialised.  With ``max_samples > 0`` the
-    first `max_samples` of the worker's (sorted) indices are kept (spread evenly over them
+    first `max_samples` of the worker's (sorted) indices are kept (a fixed shuffle of them
     where the file stores the set in class order: :func:`test_rows`).
     """
     if not 0 <= worker_index < num_workers:
@@ -800,18 +800,21 @@ def load_worker_data(
     return src.take(idx if rows is None else idx[rows])
 
 
+_ORDER_STREAM = 0x6F726465  # the fixed shuffle of a set stored in class order (independent of run.seed)
+
+
 def test_rows(labels: np.ndarray, max_samples: int) -> np.ndarray | None:
-    """Which images ``data.test_samples`` (and ``data.max_samples``) keeps: all (None) when it is 0; its first
-    ``max_samples`` images; but where the file stores the test set in class order (labels
-    never decrease, as in the CIFAR-10 npz), every (n / max_samples)-th image, so that each
-    class keeps its share instead of the first classes filling the subset."""
+    """Which images ``data.test_samples`` (and ``data.max_samples``) keeps, in which order: all,
+    in file order (None), when it is 0; else the first ``max_samples``. But where the file stores
+    the set in class order (labels never decrease, as in the CIFAR-10 npz), a fixed shuffle of
+    it (the same for every run and rank), or its first ``max_samples``: so that each class keeps
+    its share of a subset, and each 100-image evaluation chunk holds a mix of classes (a model
+    that normalizes with batch statistics, as static BatchNorm does, sees a batch like any other)."""
     n = labels.shape[0]
-    if not max_samples or max_samples <= 0 or max_samples >= n:
-        return None
-    k = int(max_samples)
-    if n > 1 and np.all(np.diff(labels.astype(np.int64)) >= 0) and labels[0] != labels[-1]:
-        return (np.arange(k, dtype=np.int64) * n) // k
-    return np.arange(k)
+    k = n if not max_samples or max_samples <= 0 else min(int(max_samples), n)
+    if n > 1 and labels[0] != labels[-1] and np.all(np.diff(labels.astype(np.int64)) >= 0):
+        return np.random.default_rng([0, _ORDER_STREAM]).permutation(n)[:k]
+    return None if k == n else np.arange(k)
 
 
 def load_test_data(name: str, path: str = "", max_samples: int = 0) -> Split:
