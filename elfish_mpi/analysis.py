@@ -217,7 +217,7 @@ def summarize(results: pd.DataFrame, strategy_order: list[str] | None = None) ->
     """Per fleet, partition and strategy over seeds (:data:`SUMMARY_COLUMNS`). Round times are
     the mean over seeds of each run's median; the speedups are FedAvg's over the strategy's."""
     keys = ["fleet", "partition", "strategy"]
-    g = results.groupby(keys, sort=False)
+    g = results.groupby(keys, sort=False, dropna=False)
     out = g.agg(
         seeds=("seed", "size"),
         final_accuracy_mean=("final_accuracy", "mean"), final_accuracy_std=("final_accuracy", "std"),
@@ -282,7 +282,7 @@ def summary_markdown(summary: pd.DataFrame, header: dict, *, budget: float | Non
         "update payload sent to rank 0 by all workers, per round.",
         "",
     ]
-    for (fleet, part), cell in summary.groupby(["fleet", "partition"], sort=False):
+    for (fleet, part), cell in summary.groupby(["fleet", "partition"], sort=False, dropna=False):
         lines += [f"## fleet `{fleet}`, partition `{part}`", ""]
         cols = ["strategy", "seeds", "final accuracy", "time to target", "median round", "speedup",
                 "median virtual round", "virtual speedup", "idle share", "MB/round"]

@@ -57,11 +57,9 @@ def model_of(path: str | Path, keep: float = 1.0) -> tuple[torch.nn.Module, dict
     attrs = ck.attrs
     model_cfg = dict(ck.config.get("model", {}) if isinstance(ck.config, dict) else {})
     name = model_cfg["name"] = str(attrs.get("model") or model_cfg.get("name", ""))
-    layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in ck.model))  # in state_dict order: the classifier last
-    if not layers:
+    if not ck.model:
         raise ExportError(f"{path}: the checkpoint holds no model")
-    classes = int(np.asarray(ck.model[f"{layers[-1]}.weight"]).shape[0])
-    in_shape = _input_shape(ck)
+    in_shape, classes = _input_shape(ck)
     try:
         spec = spec_of(model_cfg, classes, in_shape)
     except ValueError as exc:
@@ -80,20 +78,21 @@ def model_of(path: str | Path, keep: float = 1.0) -> tuple[torch.nn.Module, dict
     return model.eval(), meta
 
 
-def _input_shape(ck) -> tuple[int, ...]:
-    """The run's image shape: its data set's, read from one test image where the data is here."""
+def _input_shape(ck) -> tuple[tuple[int, ...], int]:
+    """The run's image shape and number of classes: its data set's, read from one test image
+    where the data is here, else those of the named data set."""
     from . import data as datamod
 
     data = ck.config.get("data", {}) if isinstance(ck.config, dict) else {}
     name = data.get("name", "fashion-mnist")
     try:
         test = datamod.load_test_data(name, str(datamod.resolve_path(name, data.get("path", ""))), 1)
-        return tuple(int(s) for s in test.images.shape[1:])
+        return tuple(int(s) for s in test.images.shape[1:]), int(test.num_classes)
     except datamod.DataError:
-        if name in ("fashion-mnist", "mnist", "femnist"):
-            return (1, 28, 28)
-        if name == "cifar10":
-            return (3, 32, 32)
+        known = {"fashion-mnist": ((1, 28, 28), 10), "mnist": ((1, 28, 28), 10), "femnist": ((1, 28, 28), 62),
+                 "cifar10": ((3, 32, 32), 10)}
+        if name in known:
+            return known[name]
         raise ExportError(f"the run's data set {name!r} is not here to tell the input shape; export where it is") from None
 
 
@@ -122,7 +121,7 @@ def _write_onnx(model: torch.nn.Module, meta: dict[str, str], path: Path) -> Non
             torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
                               dynamic_shapes=({0: "batch"},), dynamo=True, verbose=False)
         except Exception as exc:
-            raise ExportError(f"torch.onnx could not export {meta['model']}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise ExportError(f"torch.onnx could not export {meta['model']}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
     graph = onnx.load(str(path))
     for key, value in meta.items():
         graph.metadata_props.add(key=key, value=value)

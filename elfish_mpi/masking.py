@@ -4,7 +4,7 @@ Every choice is a function of (seed, round, worker, group) alone, with no hidden
 resumed run draws exactly the masks an uninterrupted run would have drawn.
 
 - ``random``: a fresh uniformly random set every round (ELFISH's dynamic masking).
-- ``rolling``: a contiguous window (wrapping around) whose start moves by one neuron every
+- ``rolling``: a contiguous window (wrapping around) whose start moves by one unit (a neuron, or a whole head or GroupNorm group) every
   round (FedRolex's rolling sub-model).
 - ``ordered``: always the first k neurons (static nested sub-models, HeteroFL).
 A group with ratio 1 keeps every neuron under every policy. A group with a ``unit`` (neurons

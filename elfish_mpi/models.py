@@ -18,7 +18,7 @@ A mask keeps some neurons of every group. The sub-network of a mask is physicall
 neurons, and ``submodel.param_index`` gathers its values from the full model (and scatters
 its update back) through the same indices. Removing a neuron removes all of its slices, so
 the sub-network computes exactly what the full network computes with those neurons taken
-out (tests/unit/test_models.py checks outputs and gradients for every built-in model).
+out (tests/unit/test_submodel.py checks outputs and gradients for every built-in model).
 
 :class:`ModelSpec` describes a model for the rest of the program: its groups, the flat
 layout of its floating-point state (parameters and float buffers, in ``state_dict``
@@ -99,6 +99,7 @@ class ModelSpec:
                 self.entries.append((key, tuple(t.shape), offset))
                 offset += int(np.prod(t.shape, dtype=np.int64))
         self.flat_size = offset
+        self._check_layers(template, state)
         self._check_groups(state)
         self._axes = {}  # key -> [(axis, group name, block)]
         for g in self.groups:
@@ -127,6 +128,28 @@ class ModelSpec:
             raise ModelError(f"model {self.name}: a group must be models.Group, a dict or (name, size, slices[, unit]): {exc}") from None
         return module, groups
 
+    def _check_layers(self, template: nn.Module, state) -> None:
+        """What cutting cannot handle exactly is refused up front, naming the layer."""
+        where = f"model {self.name}"
+        seen: dict[int, str] = {}
+        for key, t in state.items():
+            if id(t) in seen:
+                raise ModelError(f"{where}: {key} and {seen[id(t)]} are one tied tensor; tied weights are not supported")
+            seen[id(t)] = key
+        for name, m in template.named_modules():
+            if isinstance(m, nn.GroupNorm) and m.weight is None:
+                raise ModelError(f"{where}: {name}: a GroupNorm without affine parameters cannot be cut (use affine=True)")
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.weight is None and m.running_mean is None:
+                raise ModelError(f"{where}: {name}: a norm layer with neither parameters nor statistics cannot be cut")
+        persistent = set(state)
+        self._extra = [k for k, _ in template.named_buffers() if k not in persistent or not state[k].is_floating_point()]
+        self._norms = {}  # state key of a GroupNorm/LayerNorm weight or bias -> channels per GN group (0: LayerNorm)
+        for name, m in template.named_modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                per = m.num_channels // m.num_groups if isinstance(m, nn.GroupNorm) else 0
+                for t in ("weight", "bias"):
+                    self._norms[f"{name}.{t}" if name else t] = per
+
     def _check_groups(self, state) -> None:
         where = f"model {self.name}"
         if not self.groups:
@@ -152,6 +175,13 @@ class ModelSpec:
                         f"{where}: group {g.name}: axis {axis} of {s.tensor} has {t.shape[axis]} entries, "
                         f"not size x block = {g.size} x {s.block}"
                     )
+                per = self._norms.get(s.tensor)
+                if per == 0:
+                    raise ModelError(f"{where}: group {g.name}: {s.tensor} belongs to a LayerNorm, which would normalise "
+                                     "over fewer features; a LayerNorm's features cannot be in a group")
+                if per and (g.unit * s.block) % per:
+                    raise ModelError(f"{where}: group {g.name}: {s.tensor} belongs to a GroupNorm of {per} channels a group; "
+                                     f"the group's unit ({g.unit} x block {s.block}) must keep or drop whole GroupNorm groups")
                 if (s.tensor, axis) in owned:
                     raise ModelError(f"{where}: axis {axis} of {s.tensor} is in groups {owned[(s.tensor, axis)]} and {g.name}")
                 owned[(s.tensor, axis)] = g.name
@@ -163,8 +193,15 @@ class ModelSpec:
         try:
             out = self._meta_forward(small)
         except Exception as exc:
+            culprit = ""
+            for g in self.groups:  # the first group that fails alone (the others full)
+                try:
+                    self._meta_forward({g.name: g.unit})
+                except Exception:
+                    culprit = f"group {g.name}: "
+                    break
             raise ModelError(
-                f"model {self.name}: its sub-networks do not run ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                f"model {self.name}: {culprit}its sub-networks do not run ({type(exc).__name__}: {_first_line(exc)}); "
                 "every tensor axis that reads or writes a group's neurons must be one of that group's slices"
             ) from None
         if tuple(out.shape) != (1, self.num_classes):
@@ -187,11 +224,24 @@ class ModelSpec:
         _fix_attributes(m)
         if device != "meta":
             m = m.to_empty(device=device)
-            with torch.no_grad():
-                for t in m.buffers():
-                    if not t.is_floating_point():
-                        t.zero_()  # (num_batches_tracked and the like: not part of the flat state)
+            if self._extra:  # buffers outside the flat state (integer, non-persistent): the factory's values
+                with torch.no_grad():
+                    for key, value in self._extra_values.items():
+                        t = m.get_buffer(key)
+                        if t.shape != value.shape:
+                            raise ModelError(f"model {self.name}: buffer {key} (outside the state_dict's float entries) "
+                                             "changes shape in a sub-network; it cannot be cut")
+                        t.copy_(value)
         return m
+
+    @functools.cached_property
+    def _extra_values(self) -> dict[str, torch.Tensor]:
+        """Buffers outside the flat state (integer, or not in the state_dict) are not trained or
+        sent: every rank builds them with the factory under torch seed 0."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = self.init_module()
+        return {k: module.get_buffer(k).detach().clone() for k in self._extra}
 
     def init_module(self) -> nn.Module:
         """A freshly initialised full model (from the torch RNG)."""
@@ -267,12 +317,14 @@ class ModelSpec:
         sizes = np.asarray([g.size for g in self.groups], dtype=np.int64)
         n = sizes.size
         index = {g.name: i for i, g in enumerate(self.groups)}
+        fixed = [i for i, g in enumerate(self.groups) if g.units == 1]  # (one unit: always whole, a constant)
         shared = set()
         for axes in self._axes.values():  # groups on two axes of one tensor (a group twice: its square)
             on = [index[g] for _, g, _ in axes]
             shared |= {tuple(sorted((on[x], on[y]))) for x in range(len(on)) for y in range(x + 1, len(on))}
-        shared = sorted(shared)
-        every = [(i, j) for i in range(n) for j in range(i, n)]
+        shared = sorted(p for p in shared if p[0] not in fixed and p[1] not in fixed)
+        every = [(i, j) for i in range(n) for j in range(i, n) if i not in fixed and j not in fixed]
+        free = [i for i in range(n) if i not in fixed]
         rng = np.random.default_rng(0)
 
         units = np.asarray([g.unit for g in self.groups], dtype=np.int64)
@@ -283,9 +335,9 @@ class ModelSpec:
         for pairs in (shared, every):
             def features(w, pairs=pairs):
                 w = np.asarray(w, dtype=np.float64)
-                return np.concatenate([[1.0], w, [w[i] * w[j] for i, j in pairs]])
+                return np.concatenate([[1.0], w[free], [w[i] * w[j] for i, j in pairs]])
 
-            terms = 1 + n + len(pairs)
+            terms = 1 + len(free) + len(pairs)
             points = [tuple(int(x) for x in sizes)] + draw(terms + 8)
             a = np.stack([features(p) for p in points])
             b = np.asarray([self._count(p) for p in points], dtype=np.float64)
@@ -293,8 +345,8 @@ class ModelSpec:
 
             def poly(w, coef=coef, pairs=pairs) -> int:
                 w = [int(x) for x in w]
-                total = int(coef[0]) + sum(int(c) * x for c, x in zip(coef[1 : 1 + n], w))
-                return total + sum(int(c) * w[i] * w[j] for c, (i, j) in zip(coef[1 + n :], pairs))
+                total = int(coef[0]) + sum(int(c) * w[i] for c, i in zip(coef[1 : 1 + len(free)], free))
+                return total + sum(int(c) * w[i] * w[j] for c, (i, j) in zip(coef[1 + len(free) :], pairs))
 
             if all(poly(p) == self._count(p) for p in points + draw(6)):
                 return poly
@@ -320,10 +372,16 @@ class ModelSpec:
         return f"ModelSpec({self.name!r}, groups={[g.name for g in self.groups]})"
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0] or type(exc).__name__
+
+
 def _fix_attributes(m: nn.Module) -> None:
     """Bring the size attributes of standard layers in line with their (cut) tensors."""
     for mod in m.modules():
         if isinstance(mod, nn.modules.conv._ConvNd):
+            if mod.groups > 1 and mod.groups == mod.out_channels and mod.weight.shape[1] == 1:
+                mod.groups = mod.weight.shape[0]  # depthwise (its attributes are still the full model's here)
             mod.out_channels = mod.weight.shape[0]
             mod.in_channels = mod.weight.shape[1] * mod.groups
         elif isinstance(mod, nn.Linear):
@@ -361,6 +419,9 @@ def discover_groups(module: nn.Module, in_shape: tuple, where: str = "the model"
     try:
         with torch.no_grad():
             y = module(example)
+    except Exception as exc:
+        raise ModelError(f"{where}: the model does not run on an input of shape {tuple(example.shape)} "
+                         f"({type(exc).__name__}: {_first_line(exc)})") from None
     finally:
         for h in hooks:
             h.remove()
@@ -371,7 +432,11 @@ def discover_groups(module: nn.Module, in_shape: tuple, where: str = "the model"
     order = {n: i for i, n in enumerate(names.values())}
     with warnings.catch_warnings():  # (its note on parameters outside layers: the forward check below catches those)
         warnings.simplefilter("ignore")
-        graph = tp.DependencyGraph().build_dependency(module, example_inputs=example)
+        try:
+            graph = tp.DependencyGraph().build_dependency(module, example_inputs=example)
+        except Exception as exc:
+            raise ModelError(f"{where}: torch-pruning could not trace the model ({type(exc).__name__}: {_first_line(exc)}); "
+                             "declare the groups by hand") from None
     found = []
     for g in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
         deps = [(dep, idxs) for dep, idxs in g]

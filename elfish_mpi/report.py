@@ -293,7 +293,9 @@ def slug(text: str) -> str:
 
 def expand(paths: list[str]) -> list[tuple[str, Path]]:
     """(name, checkpoint) for every RUN argument: a run directory, a checkpoint file, or a bench
-    directory (each of its runs, named by its path inside runs/)."""
+    directory (each of its runs, named by its path inside runs/). A run directory is named after
+    itself, a checkpoint file after its directory too (and its round where it is a history file);
+    names that would repeat get a suffix."""
     found = []
     for p in map(Path, paths):
         if p.is_dir() and not (p / "checkpoint.h5").exists() and (p / "runs").is_dir():
@@ -301,11 +303,23 @@ def expand(paths: list[str]) -> list[tuple[str, Path]]:
             if not runs:
                 raise FileNotFoundError(f"{p}: a bench directory without finished runs")
             found += [(str(c.parent.relative_to(p / "runs")), c) for c in runs]
-        elif p.is_dir() or p.is_file():
-            found.append((p.name if p.is_dir() else p.stem, analysis.checkpoint_path(p)))
+        elif p.is_dir():
+            found.append((p.resolve().name, analysis.checkpoint_path(p)))
+        elif p.is_file():
+            parent = p.resolve().parent
+            run = parent.parent if parent.name == "checkpoints" else parent
+            found.append((run.name if p.name == "checkpoint.h5" else f"{run.name}/{p.stem}", p))
         else:
             raise FileNotFoundError(f"{p}: no such run directory or checkpoint")
-    return found
+    seen: dict[str, int] = {}
+    named = []
+    for name, path in found:
+        seen[name] = seen.get(name, 0) + 1
+        named.append((name if seen[name] == 1 else f"{name} ({seen[name]})", path))
+    slugs: dict[str, int] = {}
+    for name, _ in named:  # distinct names must give distinct file names
+        slugs[slug(name)] = slugs.get(slug(name), 0) + 1
+    return [(name if slugs[slug(name)] == 1 else f"{name} [{i + 1}]", path) for i, (name, path) in enumerate(named)]
 
 
 def write_report(paths: list[str], out: str | Path, timeline_rounds: int = 5) -> list[Path]:
@@ -365,8 +379,8 @@ def main(argv: list[str]) -> int:
 
     try:
         files = write_report(args.runs, args.out, args.timeline_rounds)
-    except (FileNotFoundError, CheckpointError) as exc:
-        print(f"elfish-mpi report: error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, CheckpointError, KeyError, ValueError) as exc:
+        print(f"elfish-mpi report: error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2
     print(f"report: wrote {len(files)} files into {args.out} ({', '.join(f.name for f in files)})")
     return 0

@@ -29,7 +29,7 @@ and FedRolex's official code); ``auto`` is each strategy's own paper's rule.
   ``k`` neurons of every group, one width ratio per worker fixed from the profiles at the
   start; each parameter is averaged over the workers that hold it, each counted once.
 - ``fedrolex`` (Alam et al., NeurIPS 2022): the widths of HeteroFL, but the kept window of
-  each group rolls by one neuron every round, so every neuron is trained over time;
+  each group rolls by one unit (neuron) every round, so every neuron is trained over time;
   parameter-wise averaging as in HeteroFL.
 - ``elfish`` (Xu et al., 2019): profile-guided per-group keep ratios that cut the most
   resource-intensive neurons first, re-planned every round from measured times (or fixed

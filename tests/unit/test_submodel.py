@@ -41,6 +41,26 @@ def residual_factory(num_classes, in_shape):
     return Residual(num_classes), [group("channels", 8, slices)]
 
 
+class Depthwise(nn.Module):
+    """A depthwise conv between two grouped layers, and an integer buffer outside the float state."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8 * 14 * 14, num_classes)
+        self.register_buffer("sign", torch.tensor(-1))
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.dw(F.relu(self.conv(x)))), 2)
+        return self.fc(torch.flatten(x * self.sign, 1))
+
+
+def depthwise_factory(num_classes, in_shape):
+    slices = [("conv.weight", 0), ("conv.bias", 0), ("dw.weight", 0), ("dw.bias", 0), ("fc.weight", 1, 196)]
+    return Depthwise(num_classes), [group("channels", 8, slices)]
+
+
 def residual_auto(num_classes, in_shape):
     return Residual(num_classes), "auto"
 
@@ -56,6 +76,7 @@ MODELS = {
     "vit-tiny-32": lambda: get_spec("vit-tiny", 10, (3, 32, 32)),
     "own": lambda: ModelSpec("own", lambda: residual_factory(10, (1, 28, 28)), (1, 28, 28), 10),
     "own-auto": lambda: ModelSpec("own-auto", lambda: residual_auto(10, (1, 28, 28)), (1, 28, 28), 10),
+    "own-depthwise": lambda: ModelSpec("own-depthwise", lambda: depthwise_factory(10, (1, 28, 28)), (1, 28, 28), 10),
 }
 
 
@@ -327,3 +348,61 @@ def test_discovery_refuses_what_it_cannot_cut_and_names_it():
         discover_groups(Concat(), (1, 28, 28))
     plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
     assert [(g.name, g.size) for g in discover_groups(plain, (1, 28, 28))] == [("0", 4)]
+
+
+class Normed(nn.Module):
+    def __init__(self, norm: nn.Module, tied: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.norm = norm
+        self.fc = nn.Linear(8 * 26 * 26, 10)
+        if tied:
+            self.again = self.fc
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.norm(self.conv(x)), 1))
+
+
+@pytest.mark.parametrize(
+    "norm, tied, slices, unit, message",
+    [
+        (nn.GroupNorm(2, 8), False, ["norm.weight", "norm.bias"], 1, "belongs to a GroupNorm of 4 channels a group"),
+        (nn.GroupNorm(2, 8, affine=False), False, [], 4, "GroupNorm without affine parameters cannot be cut"),
+        (nn.LayerNorm([8, 26, 26]), False, [], 1, "(see the test)"),
+        (nn.Identity(), True, [], 1, "one tied tensor; tied weights are not supported"),
+    ],
+)
+def test_what_cannot_be_cut_exactly_is_refused(norm, tied, slices, unit, message):
+    if isinstance(norm, nn.LayerNorm):  # a LayerNorm's features in a group
+        ln = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.LayerNorm(16), nn.Linear(16, 10))
+        groups = [group("h", 16, [("1.weight", 0), ("1.bias", 0), ("2.weight", 0), ("2.bias", 0), ("3.weight", 1)])]
+        with pytest.raises(ModelError, match="belongs to a LayerNorm, which would normalise over fewer features"):
+            ModelSpec("bad", lambda: (ln, groups), (1, 28, 28), 10)
+        return
+    base = [("conv.weight", 0), ("conv.bias", 0), ("fc.weight", 1, 676)] + [(t, 0) for t in slices]
+    with pytest.raises(ModelError, match=message):
+        ModelSpec("bad", lambda: (Normed(norm, tied), [group("c", 8, base, unit)]), (1, 28, 28), 10)
+
+
+def test_a_failing_forward_names_the_group_even_without_a_message():
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3)
+            self.fc = nn.Linear(8 * 26 * 26, 10)
+
+        def forward(self, x):
+            assert self.conv.weight.shape[0] == 8
+            return self.fc(torch.flatten(self.conv(x), 1))
+
+    slices = [("conv.weight", 0), ("conv.bias", 0), ("fc.weight", 1, 676)]
+    with pytest.raises(ModelError, match="group c: its sub-networks do not run \\(AssertionError"):
+        ModelSpec("picky", lambda: (Picky(), [group("c", 8, slices)]), (1, 28, 28), 10)
+
+
+def test_buffers_outside_the_float_state_are_the_factorys_on_every_rank():
+    spec = MODELS["own-depthwise"]()
+    torch.manual_seed(0)
+    reference = spec.init_module()
+    for module in (submodel.full_model(spec), spec.module({"channels": 3})):
+        assert torch.equal(module.sign, reference.sign) and int(module.sign) == -1
