@@ -61,6 +61,8 @@ elfish-mpi bench --config $CFG -n 5 --strategies elfish --seeds 0 --fleets quick
 # 4, 5, 6: soft-training speed, overhead share, bytes per round.
 step "4. soft-training speed"
 elfish-mpi perf soft-training | tee "$OUT/4-soft-training.md"
+elfish-mpi perf soft-training --models resnet18,vit-tiny --repeats 5 --steps 5 \
+    --cifar-path "${CIFAR:-../shared/datasets/cifar10_jpeg.npz}" | tee "$OUT/4-soft-training-resnet18-vit.md"
 step "5. overhead"
 elfish-mpi perf overhead "$OUT"/1-balance/runs/quickstart/*/*/seed0/checkpoint.h5 \
     "$OUT"/1-balance-ideal/runs/uniform/*/fedavg/seed0/checkpoint.h5 \
@@ -98,3 +100,8 @@ elfish-mpi bench --config $CFG -n 5 --strategies fedavg,elfish --seeds 0,1 --fle
 # 11. Checkpoint size with a long mask history, format_version 2 against 1.
 step "11. checkpoint size"
 python "$(dirname "$0")/checkpoint_size.py" | tee "$OUT/11-checkpoint-size.md"
+
+# 12. ResNet-18 (static BatchNorm) on CIFAR-10, the paper's fleet, virtual clock, 3 seeds.
+step "12. ResNet-18 on CIFAR-10"
+elfish-mpi bench --config launch/configs/bench-cifar10-resnet18.toml -n 4 --strategies fedavg,heterofl,fedrolex,elfish \
+    --seeds 0,1,2 --clock virtual --set data.path="${CIFAR:-../shared/datasets/cifar10_jpeg.npz}" --out "$OUT/12-resnet18"
