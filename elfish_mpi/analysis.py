@@ -58,6 +58,15 @@ class Run:
         table = self.workers.pivot(index="round", columns="worker", values=name)
         return table.to_numpy(dtype=float)
 
+    @property
+    def model_config(self) -> dict:
+        """The run's ``[model]`` section (``name`` from the checkpoint's ``model`` attribute where
+        it has one), as ``models.spec_of`` takes it."""
+        model = dict(self.config.get("model", {}) if isinstance(self.config, dict) else {})
+        attrs = self.checkpoint.attrs if self.checkpoint is not None else {}
+        model["name"] = str(attrs.get("model") or model.get("name", "lenet"))
+        return model
+
     def has(self, name: str) -> bool:
         return name in self.workers or name in self.metrics
 

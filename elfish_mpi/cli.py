@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint file or a run directory (its checkpoint.h5)")
     e.add_argument("--data", metavar="NAME", help="data set (default: the run's data.name)")
     e.add_argument("--data-path", metavar="PATH", help="its file or directory (default: the run's data.path, or the standard places)")
-    e.add_argument("--samples", type=int, metavar="N", help="the first N test images (default: the run's data.test_samples; 0: all)")
+    e.add_argument("--samples", type=int, metavar="N", help="N test images, as data.test_samples takes them (default: the run's data.test_samples; 0: all)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     x = sub.add_parser("export", help="write a checkpoint's global model (or a slimmer sub-network) as safetensors, ONNX or a torch state_dict")
     x.add_argument("checkpoint", help="a checkpoint file or a run directory (its checkpoint.h5)")
@@ -449,7 +449,8 @@ def evaluate(args) -> int:
     from .models import spec_of
     from .submodel import flat_from_state_dict, full_model, layout
 
-    ck = analysis.open_run(args.checkpoint).checkpoint  # (a run directory or a checkpoint file)
+    run = analysis.open_run(args.checkpoint)  # (a run directory or a checkpoint file)
+    ck = run.checkpoint
     data = ck.config.get("data", {}) if isinstance(ck.config, dict) else {}
     name = args.data or data.get("name", "fashion-mnist")
     path = args.data_path if args.data_path is not None else (data.get("path", "") if not args.data else "")
@@ -457,8 +458,8 @@ def evaluate(args) -> int:
     if samples < 0:
         raise UsageError(f"--samples {samples} must be >= 0")
     test = datamod.load_test_data(name, str(datamod.resolve_path(name, path)), samples)
-    model_cfg = dict(ck.config.get("model", {}) if isinstance(ck.config, dict) else {})
-    model_name = model_cfg["name"] = str(ck.attrs.get("model") or model_cfg.get("name", "lenet"))
+    model_cfg = run.model_config
+    model_name = model_cfg["name"]
     try:
         spec = spec_of(model_cfg, test.num_classes, tuple(int(s) for s in test.images.shape[1:]))
     except ValueError as exc:

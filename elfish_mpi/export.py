@@ -43,7 +43,7 @@ def strongest(spec: ModelSpec, state: dict, keep: float) -> dict[str, np.ndarray
         k = keep_count(g.units, keep)
         order = np.lexsort((np.arange(norm.size), -norm))  # largest first, then lowest index
         units = np.sort(order[:k])
-        kept[g.name] = (units[:, None] * g.unit + np.arange(g.unit)[None, :]).ravel().astype(np.int32)
+        kept[g.name] = g.neurons(units)
     return kept
 
 
@@ -53,10 +53,10 @@ def model_of(path: str | Path, keep: float = 1.0) -> tuple[torch.nn.Module, dict
         raise ExportError(f"--keep {keep:g} must lie in (0, 1]")
     from . import analysis
 
-    ck = analysis.open_run(path).checkpoint  # (a run directory or a checkpoint file)
-    attrs = ck.attrs
-    model_cfg = dict(ck.config.get("model", {}) if isinstance(ck.config, dict) else {})
-    name = model_cfg["name"] = str(attrs.get("model") or model_cfg.get("name", ""))
+    run = analysis.open_run(path)  # (a run directory or a checkpoint file)
+    ck, attrs = run.checkpoint, run.checkpoint.attrs
+    model_cfg = run.model_config
+    name = model_cfg["name"]
     if not ck.model:
         raise ExportError(f"{path}: the checkpoint holds no model")
     in_shape, classes = _input_shape(ck)

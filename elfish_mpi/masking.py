@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from .models import ModelSpec
+from .submodel import widths_of
 
 POLICIES = ("random", "rolling", "ordered")
 _MASK_STREAM = 0x6D61736B  # separates the mask RNG stream from other seeded streams
@@ -51,9 +52,7 @@ def make_masks(spec: ModelSpec, ratios: dict[str, float], policy: str, *, seed: 
     for gi, g in enumerate(spec.groups):
         k = keep_count(g.units, ratios.get(g.name, 1.0))
         units = select(policy, g.units, k, seed=seed, round=round, worker=worker, layer=gi)
-        if g.unit > 1:
-            units = (units[:, None] * g.unit + np.arange(g.unit)[None, :]).ravel().astype(np.int32)
-        kept[g.name] = units
+        kept[g.name] = g.neurons(units) if g.unit > 1 else units
     return kept
 
 
@@ -66,5 +65,4 @@ def keep_ratio(spec: ModelSpec, kept: dict) -> float:
 
 def compute_ratio(spec: ModelSpec, kept: dict) -> float:
     """Share of the full model's forward multiply-accumulates that the kept sub-network does."""
-    widths = {g.name: (len(kept[g.name]) if g.name in kept else g.size) for g in spec.groups}
-    return spec.macs(widths) / spec.macs()
+    return spec.macs(widths_of(spec, kept)) / spec.macs()

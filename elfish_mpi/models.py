@@ -70,6 +70,11 @@ class Group:
     def units(self) -> int:
         return self.size // self.unit
 
+    def neurons(self, units) -> np.ndarray:
+        """The sorted neuron indices (int32) of the given sorted unit indices."""
+        units = np.asarray(units, dtype=np.int64)
+        return (units[:, None] * self.unit + np.arange(self.unit)[None, :]).ravel().astype(np.int32)
+
 
 def group(name: str, size: int, slices, unit: int = 1) -> Group:
     """A :class:`Group` from ``(tensor, axis)`` or ``(tensor, axis, block)`` tuples."""

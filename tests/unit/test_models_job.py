@@ -52,6 +52,7 @@ def run_and_resume(tmp_path: Path, *extra: str, pythonpath: str = "") -> Path:
     return whole
 
 
+@pytest.mark.timeout(3 * TIMEOUT + 60)  # (three jobs, each with its own timeout)
 @pytest.mark.skipif(not CIFAR.exists(), reason=f"needs the CIFAR-10 npz at {CIFAR}")
 def test_resnet18_static_bn_on_cifar10_runs_and_resumes_exactly(tmp_path):
     out = run_and_resume(tmp_path, "--set", "model.name=resnet18", "--set", "data.name=cifar10",
@@ -65,6 +66,7 @@ def test_resnet18_static_bn_on_cifar10_runs_and_resumes_exactly(tmp_path):
         assert np.all(np.isfinite(acc)) and np.all(f["workers/rejected"][()] == 0)
 
 
+@pytest.mark.timeout(4 * TIMEOUT + 60)
 def test_vit_tiny_on_fashion_mnist_plans_heads_and_resumes_exactly(tmp_path):
     out = run_and_resume(tmp_path, "--set", "model.name=vit-tiny", "--set", f"data.path={SAMPLE}",
                          "--set", "strategy.keep_ratios=[1,0.5]")
@@ -91,6 +93,7 @@ def readme_example() -> tuple[str, list[str]]:
     return code, command.split()
 
 
+@pytest.mark.timeout(3 * TIMEOUT + 60)
 def test_the_readme_own_model_example_runs_as_written_and_resumes_exactly(tmp_path):
     # Prepare: my_model.py as the README prints it, and its command line
     code, command = readme_example()
