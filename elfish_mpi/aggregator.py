@@ -1,5 +1,6 @@
-"""Rank 0: the round loop. Plan -> broadcast masks and model -> collect updates -> recover
-the global model -> evaluate -> record -> checkpoint."""
+"""Rank 0: the round loop. Select clients -> plan -> place them on the worker ranks ->
+broadcast plan, masks and model -> collect the updates -> recover the global model ->
+evaluate -> record -> checkpoint."""
 from __future__ import annotations
 
 import csv
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckptmod
+from . import clients as clientsmod
 from . import profiling, provenance, signals, supervisor
 from .evaluation import EvalSplit, combine, evaluate_chunks, image_range, num_chunks
 from .comm import Comm, RankFailure, RoundTimeout
@@ -20,6 +22,7 @@ from .config import Config
 from .masking import compute_ratio, keep_ratio, make_masks
 from .models import ModelSpec
 from .planner import Planner
+from .profiling import macs_fraction
 from .strategies import make_strategy
 from .transport import receive
 from .submodel import flat_from_state_dict, flat_params, full_model, load_flat, param_index, state_dict_from_flat
@@ -40,9 +43,14 @@ class Aggregator:
         self.test_images = len(self.y_test)
         self.eval_split = EvalSplit(num_chunks(self.test_images), cfg.run.eval_on)  # who evaluates what (evaluation.py)
         self.eval_plan: tuple[int, tuple] | None = None  # (rank 0's chunks, the workers' ranges) sent with a plan
-        self.strategy = make_strategy(cfg, spec, self.num_workers)
-        self.start_capacity = cfg.capacities(self.num_workers)
-        self.trace = load_trace(cfg.workers.trace, self.num_workers) if cfg.workers.trace else None
+        self.clients = clientsmod.build(cfg, self.num_workers, setup["speeds"])
+        self.strategy = make_strategy(cfg, spec, self.clients.count)
+        self.start_capacity = list(self.clients.speeds)  # each client's
+        self.trace = load_trace(cfg.workers.trace, self.clients.count) if cfg.workers.trace else None
+        # each worker rank's capacity outside training: its client's when pinned, else full speed
+        self.rank_capacity = self.rank_capacities(self.start_capacity)
+        # every client takes part, each on its own rank: /workers/<name>[:, w] is worker rank w + 1's
+        self.slots_are_ranks = self.clients.pinned and self.clients.per_round == self.clients.count
         self.model = full_model(spec)  # (the evaluation's module: the flat model is loaded into it)
         spec.macs(spec.full_widths())  # the cost polynomial is fitted here, at start-up, not in round 1 (2 s for ResNet-18)
         resume = setup.get("resume_ckpt")
@@ -57,7 +65,7 @@ class Aggregator:
             self.masks: dict[int, list] = {}
             self.coverage = {name: np.zeros(spec.full_widths()[name], dtype=np.int64) for name in spec.maskable}
             self.profiles: dict[str, np.ndarray] = {}
-            self.cursors = np.zeros(self.num_workers, dtype=np.int64)
+            self.cursors = np.zeros(self.clients.count, dtype=np.int64)  # each client's data position
             self.wall_offset = 0.0
 
     # -- resume ---------------------------------------------------------------------
@@ -69,7 +77,7 @@ class Aggregator:
         self.masks = dict(ck.masks)
         self.coverage = {k: np.asarray(v, dtype=np.int64).copy() for k, v in ck.coverage.items()}
         self.profiles = dict(ck.profiles)
-        self.cursors = np.asarray(ck.state.get("cursor", np.zeros(self.num_workers)), dtype=np.int64)
+        self.cursors = np.asarray(ck.state.get("cursor", np.zeros(self.clients.count)), dtype=np.int64).copy()
         wc = self.metrics.get("wall_clock", [])
         self.wall_offset = float(wc[-1]) if wc else 0.0
 
@@ -83,8 +91,12 @@ class Aggregator:
             "step_time": rows[:, :c],
             "macs": rows[:, c : 2 * c],
             "memory_bytes": rows[:, 2 * c :],
-            "capacity": np.asarray(self.start_capacity, dtype=np.float64),
+            "capacity": np.asarray(self.rank_capacity, dtype=np.float64),  # each rank's, while it profiled
         }
+
+    def rank_capacities(self, capacity: list[float]) -> list[float]:
+        """Each worker rank's capacity outside training, from the clients' (``capacity``)."""
+        return list(capacity) if self.clients.pinned else [1.0] * self.num_workers
 
     def make_planner(self, state: dict | None) -> None:
         if not self.strategy.needs_planner:
@@ -92,9 +104,13 @@ class Aggregator:
         p = self.profiles
         full_macs = self.spec.macs()
         fits = [profiling.fit_cost(p["macs"][w] / full_macs, p["step_time"][w]) for w in range(self.num_workers)]
+        alpha, beta = [a for a, _ in fits], [b for _, b in fits]
+        if not self.clients.pinned:  # the ranks profiled at full speed: a client is slower by its speed
+            speeds = np.asarray(self.start_capacity, dtype=np.float64)
+            alpha, beta = float(np.mean(alpha)) / speeds, float(np.mean(beta)) / speeds
         s = self.cfg.strategy
         self.strategy.planner = Planner(
-            self.spec, [a for a, _ in fits], [b for _, b in fits],
+            self.spec, alpha, beta,
             min_keep=s.min_keep, local_steps=self.cfg.train.local_steps, deadline=s.deadline, replan=s.replan,
         )
         if state and "planner_alpha" in state:
@@ -120,19 +136,27 @@ class Aggregator:
         for rnd in range(self.start_round + 1, cfg.run.rounds + 1):
             t0, waited0, cpu0 = time.perf_counter(), self.comm.waited, time.process_time()
             supervisor.note(f"in round {rnd}")
-            # 1. plan: what each worker trains (keep ratios, steps, limits), then this round's masks
-            assignments = self.strategy.configure(rnd)
+            # 1. select this round's clients; plan what each trains (keep ratios, steps, limits),
+            #    their masks, and place them on the worker ranks
+            sel = self.clients.select(rnd)
+            assignments = self.strategy.configure(rnd, sel)
             ratios = [a.ratios for a in assignments]
             masks = [
-                make_masks(spec, ratios[w], self.strategy.mask_policy, seed=cfg.run.seed, round=rnd, worker=w)
-                for w in range(self.num_workers)
+                make_masks(spec, ratios[i], self.strategy.mask_policy, seed=cfg.run.seed, round=rnd, worker=int(c))
+                for i, c in enumerate(sel)
             ]
-            capacity = self.trace.capacities(rnd, self.start_capacity) if self.trace else self.start_capacity
+            capacity_all = self.trace.capacities(rnd, self.start_capacity) if self.trace else self.start_capacity
+            capacity = [capacity_all[c] for c in sel]
+            costs = [a.steps * macs_fraction(spec, a.ratios) / cap for a, cap in zip(assignments, capacity)]
+            ranks = clientsmod.place(sel, costs, self.num_workers, self.clients.pinned)
+            self.rank_capacity = self.rank_capacities(capacity_all)
             # 2. broadcast the plan, the masks (packed bits) and the global model
             plan = Plan(
-                round=rnd, steps=tuple(a.steps for a in assignments), time_limit=tuple(a.time_limit for a in assignments),
-                mu=tuple(a.mu for a in assignments), capacity=tuple(capacity), balance=self.strategy.balance,
-                weighting=self.strategy.weighting, **self.workers_evaluate(capacity),
+                round=rnd, clients=tuple(int(c) for c in sel), ranks=tuple(int(r) for r in ranks),
+                steps=tuple(a.steps for a in assignments), time_limit=tuple(a.time_limit for a in assignments),
+                mu=tuple(a.mu for a in assignments), capacity=tuple(capacity),
+                cursor=tuple(int(self.cursors[c]) for c in sel), rank_capacity=tuple(self.rank_capacity),
+                balance=self.strategy.balance, weighting=self.strategy.weighting, **self.workers_evaluate(self.rank_capacity),
             )
             try:
                 self.comm.bcast_obj(plan, timeout=cfg.run.round_timeout)
@@ -145,7 +169,7 @@ class Aggregator:
                 self.finish_round(broadcast=False)
             # 3. collect the masked updates; drop late and non-finite ones; recover the global model
             idxs = [param_index(spec, m) for m in masks]
-            stats, sums, accepted = self.collect(rnd, idxs)
+            stats, sums, accepted = self.collect(rnd, idxs, ranks, sel)
             self.flat = self.strategy.finish(self.flat, sums)
             if not np.all(np.isfinite(self.flat)):
                 raise FloatingPointError(f"round {rnd}: the aggregated model is not finite")
@@ -153,16 +177,17 @@ class Aggregator:
             self.root_busy = round_time - (self.comm.waited - waited0)  # rank 0's work in the round: not waiting
             self.root_cpu = time.process_time() - cpu0  # and the CPU it used (polling included)
             # 4. learn from the measured times; count which neurons were trained
-            for w in range(self.num_workers):
-                self.strategy.observe(w, ratios[w], stats["step_time"][w])
-                if accepted[w]:
-                    for name, kept in masks[w].items():
+            for i, c in enumerate(sel):
+                self.strategy.observe(int(c), ratios[i], stats["step_time"][i])
+                if accepted[i]:
+                    for name, kept in masks[i].items():
                         self.coverage[name][kept] += 1
-            self.cursors = stats["cursor"].astype(np.int64)
-            self.eval_split.observe_training(float(stats["busy_time"].max()))
+            self.cursors[sel] = stats["cursor"].astype(np.int64)
+            busy_per_rank = np.bincount(ranks - 1, weights=stats["busy_time"], minlength=self.num_workers)
+            self.eval_split.observe_training(float(busy_per_rank.max()))
             # 5. record; evaluate, report and checkpoint now, or while the workers train the next round
             keep = [keep_ratio(spec, m) for m in masks]
-            self.record(rnd, round_time, stats, keep, masks, capacity, accepted, time.perf_counter() - t_run)
+            self.record(rnd, round_time, stats, keep, masks, capacity, accepted, time.perf_counter() - t_run, sel, ranks)
             stopped_by = signals.requested() or ("SIGTERM" if stats["signal"].any() else None)
             self.pending = (rnd, round_time, keep, stats, bool(stopped_by))
             if rnd == cfg.run.rounds or stopped_by or not cfg.run.overlap_eval:
@@ -205,10 +230,10 @@ class Aggregator:
         t_eval = time.perf_counter()
         try:
             if broadcast:
-                capacity = self.workers["capacity"][-1]
-                k0, ranges = self.eval_split.split(capacity, overlapped=False)
+                k0, ranges = self.eval_split.split(self.rank_capacity, overlapped=False)
                 if k0 < self.eval_split.k:
-                    self.comm.bcast_obj(Plan.evaluate_only(rnd, ranges), timeout=cfg.run.round_timeout, what=EVAL_BCAST)
+                    plan = Plan.evaluate_only(rnd, ranges, tuple(self.rank_capacity))
+                    self.comm.bcast_obj(plan, timeout=cfg.run.round_timeout, what=EVAL_BCAST)
                     self.comm.bcast_array(self.flat, cfg.run.round_timeout, what=EVAL_BCAST)
             else:
                 k0, ranges = self.eval_plan if self.eval_plan is not None else (self.eval_split.k, ())
@@ -228,7 +253,8 @@ class Aggregator:
             raise
         for w, buf in bufs.items():
             per_chunk[ranges[w][0] : ranges[w][1]] = buf[1:]
-            self.workers["eval_time"][-1][w] = float(buf[0, 0])
+            if self.slots_are_ranks:  # (else a worker rank's time has no column of its own)
+                self.workers["eval_time"][-1][w] = float(buf[0, 0])
         self.eval_split.observe(k0, t_root[0], self.eval_split.k - k0, max((float(b[0, 0]) for b in bufs.values()), default=0.0))
         self.record_evaluation(per_chunk, t_eval, k0, t_root[0])
 
@@ -284,20 +310,25 @@ class Aggregator:
             except Exception as exc:  # the failure being reported matters more
                 print(f"elfish-mpi: could not write the pending checkpoint: {exc}", file=sys.stderr, flush=True)
 
-    def collect(self, rnd: int, idxs: list[np.ndarray]):
-        """The workers' records, the round's sums of the accepted updates (folded by the
-        strategy as they arrive) and which updates were accepted (in time, finite)."""
+    def collect(self, rnd: int, idxs: list[np.ndarray], ranks: np.ndarray, sel: np.ndarray):
+        """The records of the round's clients (slot i: client ``sel[i]`` on worker rank
+        ``ranks[i]``), the round's sums of the accepted updates (folded by the strategy as they
+        arrive, in client order) and which updates were accepted (in time, finite)."""
         sums = self.strategy.begin(self.flat.size)
-        finite = np.ones(self.num_workers, dtype=bool)
+        finite = np.ones(len(sel), dtype=bool)
 
-        def arrived(w: int, record, values: np.ndarray) -> None:
-            finite[w] = bool(np.all(np.isfinite(values)))
-            if finite[w] and not record["late"]:
-                self.strategy.aggregate(sums, idxs[w], values, float(record["weight"]))
+        def arrived(i: int, record, values: np.ndarray) -> None:
+            if int(record["client"]) != int(sel[i]):
+                raise RankFailure(f"worker rank {ranks[i]} sent an update of client {int(record['client'])} for client {sel[i]}")
+            finite[i] = bool(np.all(np.isfinite(values)))
+            if finite[i] and not record["late"]:
+                self.strategy.aggregate(sums, idxs[i], values, float(record["weight"]))
 
         try:
-            stats, summed = receive(self.comm, self.cfg.strategy.transport, [len(i) for i in idxs], self.flat.size,
-                                    self.cfg.run.round_timeout, arrived)
+            stats, summed = receive(self.comm, self.cfg.strategy.transport, [int(r) for r in ranks], [len(i) for i in idxs],
+                                    self.flat.size, self.cfg.run.round_timeout, arrived)
+            if summed is not None and not np.array_equal(stats["client"].astype(np.int64), sel):
+                raise RankFailure(f"the workers' records are of clients {stats['client'].astype(int).tolist()}, not {sel.tolist()}")
         except (RoundTimeout, RankFailure) as exc:
             self.save_pending()
             raise type(exc)(f"round {rnd}: {exc}") from None
@@ -306,12 +337,14 @@ class Aggregator:
         accepted = finite & ~(stats["late"] > 0)
         if summed is not None:
             sums.add_sums(summed[0], summed[1], float(stats["weight"][accepted].sum()))
-        for w in np.flatnonzero(~finite):
-            print(f"elfish-mpi: round {rnd}: rejected the non-finite update of worker rank {w + 1}", flush=True)
+        for i in np.flatnonzero(~finite):
+            which = "" if self.slots_are_ranks else f" (client {sel[i]})"
+            print(f"elfish-mpi: round {rnd}: rejected the non-finite update of worker rank {ranks[i]}{which}", flush=True)
         return stats, sums, accepted
 
     # -- records -------------------------------------------------------------------------
-    def record(self, rnd, round_time, stats, keep, masks, capacity, accepted, elapsed) -> None:
+    def record(self, rnd, round_time, stats, keep, masks, capacity, accepted, elapsed, sel, ranks) -> None:
+        """One round's metrics, and a row per slot (client taking part) in /workers."""
         row = {
             "round": rnd,
             "round_time": round_time,
@@ -347,23 +380,28 @@ class Aggregator:
             "steps": stats["steps"],
             "dropped": stats["late"],
             "rejected": 1.0 - stats["finite"],
-            "eval_time": np.zeros(self.num_workers),  # filled in where evaluated (its share of the test set)
+            "eval_time": np.zeros(len(sel)),  # filled in where evaluated (a rank's share of the test set), when slots are ranks
             "peak_memory": stats["peak_memory"],
             "bytes_received": stats["bytes_received"],
+            "client": sel,
+            "rank": ranks,
         }
         widths = self.spec.full_widths()
         for name in self.spec.maskable:  # the share kept (keep counts round up), not the ratio asked for
             per_worker[f"keep_ratio_{name}"] = [len(m[name]) / widths[name] for m in masks]
         for k, v in per_worker.items():
-            self.workers.setdefault(k, [[float("nan")] * self.num_workers for _ in range(done)]).append([float(x) for x in v])
+            self.workers.setdefault(k, [[float("nan")] * len(sel) for _ in range(done)]).append([float(x) for x in v])
         self.masks[rnd] = masks
 
     def report(self, rnd, acc, round_time, keep, stats) -> None:
         acc_s = f"{acc:6.2%}" if np.isfinite(acc) else "   -  "
-        keeps = " ".join(f"{k:.2f}" for k in keep)
+        if self.slots_are_ranks:
+            keeps = "keep [" + " ".join(f"{k:.2f}" for k in keep) + "]"
+        else:
+            keeps = f"{len(keep)} clients, keep mean {np.mean(keep):.2f} min {np.min(keep):.2f}"
         dropped = int(stats["late"].sum())
         extra = f"  dropped {dropped}" if dropped else ""
-        print(f"round {rnd:4d}/{self.cfg.run.rounds}  acc {acc_s}  time {round_time:7.3f}s  keep [{keeps}]{extra}", flush=True)
+        print(f"round {rnd:4d}/{self.cfg.run.rounds}  acc {acc_s}  time {round_time:7.3f}s  {keeps}{extra}", flush=True)
 
     def checkpoint(self, rnd: int) -> "ckptmod.Checkpoint":
         state = {"cursor": self.cursors.copy()}
@@ -394,10 +432,15 @@ class Aggregator:
         names = list(self.metrics)
         buf = io.StringIO()
         w = csv.writer(buf)
-        keep_cols = [f"keep_ratio_w{i + 1}" for i in range(self.num_workers)]
+        if self.slots_are_ranks:  # a column per worker
+            keep_cols = [f"keep_ratio_w{i + 1}" for i in range(self.num_workers)]
+            keep_of = lambda row: [f"{k:.4f}" for k in row]  # noqa: E731
+        else:  # the round's clients change: their mean and least
+            keep_cols = ["keep_ratio_mean", "keep_ratio_min"]
+            keep_of = lambda row: [f"{np.mean(row):.4f}", f"{np.min(row):.4f}"]  # noqa: E731
         w.writerow(names + keep_cols)
         for i in range(len(self.metrics["round"])):
-            w.writerow([self.metrics[n][i] for n in names] + [f"{k:.4f}" for k in self.workers["keep_ratio"][i]])
+            w.writerow([self.metrics[n][i] for n in names] + keep_of(self.workers["keep_ratio"][i]))
         ckptmod.write_text_atomic(self.out / "metrics.csv", buf.getvalue())
 
     def summary(self) -> None:
@@ -408,10 +451,13 @@ class Aggregator:
         acc = [a for a in m["test_accuracy"] if np.isfinite(a)]
         final = f"{acc[-1]:.2%}" if acc else "not evaluated"
         keep = np.asarray(self.workers["keep_ratio"])
+        if self.slots_are_ranks:
+            keeps = f"mean keep ratio per worker [{' '.join(f'{k:.2f}' for k in keep.mean(axis=0))}]"
+        else:
+            keeps = f"mean keep ratio {keep.mean():.2f} over {keep.size} client updates"
         print(
             f"done: {m['round'][-1]} rounds, final accuracy {final}, median round time {np.median(rt):.3f}s, "
-            f"mean keep ratio per worker [{' '.join(f'{k:.2f}' for k in keep.mean(axis=0))}], "
-            f"checkpoint {self.out / 'checkpoint.h5'}",
+            f"{keeps}, checkpoint {self.out / 'checkpoint.h5'}",
             flush=True,
         )
         sys.stdout.flush()

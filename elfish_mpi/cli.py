@@ -235,10 +235,14 @@ def prepare(args, num_workers: int) -> dict:
     elif args.out:
         cfg.run.out = args.out
     cfg.check_world(num_workers)
+    from .clients import client_speeds
+
+    num_clients = cfg.num_clients(num_workers)
+    speeds = client_speeds(cfg, num_clients)
     if cfg.workers.trace:
         from .fleet import load_trace
 
-        load_trace(cfg.workers.trace, num_workers)
+        load_trace(cfg.workers.trace, num_clients)
     out = Path(cfg.run.out).resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"run directory {out} exists and is not a directory")
@@ -275,6 +279,8 @@ def prepare(args, num_workers: int) -> dict:
         if expect != got:
             raise UsageError(f"the checkpoint's model does not fit {cfg.model.name} on {cfg.data.name}")
         check_resume_state(ckpt, spec, cfg, num_workers, path)
+    if cfg.data.partition == "natural":  # (the other partitions check their sizes as they split)
+        datamod.ClientParts(cfg.data.name, data_path, num_clients, "natural", cfg.run.seed)
     return {
         "config": cfg.to_dict(),
         "data_path": data_path,
@@ -283,8 +289,8 @@ def prepare(args, num_workers: int) -> dict:
         "test_images": len(test.labels),
         "resume": ckpt is not None,
         # a strategy that does not plan (fedavg, elfish with fixed keep ratios) does not profile
-        "profile": ckpt is None and make_strategy(cfg, spec, num_workers).needs_planner,
-        "cursors": [int(c) for c in ckpt.state["cursor"]] if ckpt is not None and "cursor" in ckpt.state else None,
+        "profile": ckpt is None and make_strategy(cfg, spec, num_clients).needs_planner,
+        "speeds": speeds,  # each client's starting capacity (clients.py), the same on every rank
         "notes": notes,
         "job_id": f"{os.getpid()}-{int(time.time())}",
         "_test": test,
@@ -298,14 +304,15 @@ def check_resume_state(ckpt, spec, cfg: Config, num_workers: int, path) -> None:
     from .strategies import make_strategy
 
     problems = []
+    num_clients = cfg.num_clients(num_workers)
     cursor = ckpt.state.get("cursor")
-    if cursor is None or cursor.shape != (num_workers,):
-        problems.append(f"/state/cursor must hold one data position per worker ({num_workers})")
+    if cursor is None or cursor.shape != (num_clients,):
+        problems.append(f"/state/cursor must hold one data position per client ({num_clients})")
     for g in spec.groups:
         cov = ckpt.coverage.get(g.name)
         if cov is None or cov.shape != (g.size,):
             problems.append(f"/coverage/{g.name} must have shape ({g.size},)")
-    if make_strategy(cfg, spec, num_workers).needs_planner:
+    if make_strategy(cfg, spec, num_clients).needs_planner:
         configs = len(configurations(spec, cfg.strategy.profile))
         for name in ("step_time", "macs"):
             arr = ckpt.profiles.get(name)
@@ -313,8 +320,8 @@ def check_resume_state(ckpt, spec, cfg: Config, num_workers: int, path) -> None:
                 problems.append(f"/profiles/{name} must have shape ({num_workers}, {configs}) for planning")
         for name in ("planner_alpha", "planner_beta", "planner_scale"):
             arr = ckpt.state.get(name)
-            if arr is not None and arr.shape != (num_workers,):
-                problems.append(f"/state/{name} must hold one value per worker ({num_workers})")
+            if arr is not None and arr.shape != (num_clients,):
+                problems.append(f"/state/{name} must hold one value per client ({num_clients})")
     if problems:
         raise UsageError(f"{path} cannot be resumed by this job: " + "; ".join(problems))
 
@@ -403,10 +410,15 @@ def run_job(comm, setup: dict) -> int:
     if comm.rank == 0:
         for note in setup["notes"]:
             print(f"elfish-mpi: {note}", flush=True)
-        caps = " ".join(f"{c:g}" for c in cfg.capacities(comm.size - 1))
+        speeds = setup["speeds"]
+        if len(speeds) == comm.size - 1:
+            who = f"{comm.size - 1} workers, capacities [{' '.join(f'{c:g}' for c in speeds)}]"
+        else:
+            who = (f"{len(speeds)} clients ({cfg.per_round(comm.size - 1)} a round) on {comm.size - 1} workers, "
+                   f"capacities {min(speeds):.3g}..{max(speeds):.3g} (median {sorted(speeds)[len(speeds) // 2]:.3g})")
         print(
             f"elfish-mpi: {cfg.strategy.name} on {cfg.data.name} ({cfg.data.partition}), {cfg.model.name}, "
-            f"{comm.size - 1} workers, capacities [{caps}], throttle {cfg.workers.throttle}, out {cfg.run.out}",
+            f"{who}, throttle {cfg.workers.throttle}, out {cfg.run.out}",
             flush=True,
         )
         code = role.run()

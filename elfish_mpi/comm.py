@@ -156,12 +156,20 @@ class Comm:
         self.wait(self.comm.Igather(row, out, root=0))
         return out
 
-    def send_update(self, stats: np.ndarray, values: np.ndarray) -> None:
-        """A worker's round result: a float64 stats vector, then its kept values (float32)."""
+    def post_update(self, stats: np.ndarray, values: np.ndarray) -> tuple[list, tuple]:
+        """Start sending one client's round result to rank 0: a float64 stats vector, then its
+        kept values (float32). Returns (requests, buffers): keep both until :meth:`wait_sends`."""
         stats = np.ascontiguousarray(stats, dtype=np.float64)
         values = np.ascontiguousarray(values, dtype=np.float32)
-        self.wait(self.comm.Isend(stats, dest=0, tag=TAG_STATS))
-        self.wait(self.comm.Isend(values, dest=0, tag=TAG_VALUES))
+        return [self.comm.Isend(stats, dest=0, tag=TAG_STATS), self.comm.Isend(values, dest=0, tag=TAG_VALUES)], (stats, values)
+
+    def post_stats(self, stats: np.ndarray) -> tuple[list, tuple]:
+        stats = np.ascontiguousarray(stats, dtype=np.float64)
+        return [self.comm.Isend(stats, dest=0, tag=TAG_STATS)], (stats,)
+
+    def wait_sends(self, requests: list) -> None:
+        for req in requests:
+            self.wait(req)
 
     @staticmethod
     def _test(request, owner, what: str, status=None, waiter: str = "") -> bool:
@@ -209,42 +217,43 @@ class Comm:
             raise RoundTimeout(f"no {what} from worker rank(s) {late} within run.round_timeout = {timeout:g} s")
         raise self._stop_timeout(f"no {what} came from worker rank(s) {late}")
 
-    def stream_updates(self, sizes: list[int], stats_len: int, timeout: float, on_update) -> np.ndarray:
-        """Rank 0: every worker's stats (returned, a row a worker) and kept values (``sizes[w]``
-        float32 values from rank w + 1). Each worker's values go to ``on_update(w, stats_row,
-        values)`` in worker order (so that sums come out the same in every run), received into
-        one reused buffer: memory does not grow with the number of workers. A worker that
-        finished early waits in its send until rank 0 gets to it, which costs it nothing: the
-        next round starts after the aggregation anyway. On a timeout the ranks named are the
-        one whose values rank 0 waits for and every one whose stats (sent first) are missing."""
-        stats = np.empty((len(sizes), stats_len), dtype=np.float64)
-        stat_reqs = [self.comm.Irecv(stats[w], source=w + 1, tag=TAG_STATS) for w in range(len(sizes))]
-        stats_in = np.zeros(len(sizes), dtype=bool)
+    def stream_updates(self, sources: list[int], sizes: list[int], stats_len: int, timeout: float, on_update) -> np.ndarray:
+        """Rank 0: every slot's stats (returned, a row a slot) and kept values (``sizes[i]``
+        float32 values from worker rank ``sources[i]``; a rank's slots come in slot order).
+        Each slot's values go to ``on_update(i, stats_row, values)`` in slot order (so that sums
+        come out the same in every run), received into one reused buffer: memory does not grow
+        with the number of slots. A worker does not wait for rank 0 to take its sends. On a
+        timeout the ranks named are the one whose values rank 0 waits for and every one whose
+        stats (sent first) are missing."""
+        n = len(sizes)
+        stats = np.empty((n, stats_len), dtype=np.float64)
+        stat_reqs = [self.comm.Irecv(stats[i], source=sources[i], tag=TAG_STATS) for i in range(n)]
+        stats_in = np.zeros(n, dtype=bool)
         buf = np.empty(max(sizes, default=0), dtype=np.float32)
         started = time.monotonic()
         deadline = started + timeout
-        for w in range(len(sizes)):
-            values = buf[: sizes[w]]
-            req = self.comm.Irecv(values, source=w + 1, tag=TAG_VALUES)
+        for i in range(n):
+            values = buf[: sizes[i]]
+            req = self.comm.Irecv(values, source=sources[i], tag=TAG_VALUES)
             status = MPI.Status()
             t_wait = time.monotonic()
             while True:
                 for v in np.flatnonzero(~stats_in):
-                    stats_in[v] = self._test(stat_reqs[v], v + 1, "update")
-                if stats_in[w] and self._test(req, w + 1, "update", status):
+                    stats_in[v] = self._test(stat_reqs[v], sources[v], "update")
+                if stats_in[i] and self._test(req, sources[i], "update", status):
                     break
                 timed_out, stop = time.monotonic() > deadline, self._stop_overdue(started)
                 if timed_out or stop:
-                    late = sorted({w + 1} | {v + 1 for v in np.flatnonzero(~stats_in)})
+                    late = sorted({sources[i]} | {sources[v] for v in np.flatnonzero(~stats_in)})
                     waiting = [req] + [stat_reqs[v] for v in np.flatnonzero(~stats_in)]
                     self.waited += time.monotonic() - t_wait
                     self._give_up(waiting, late, timed_out, timeout, "update")
                 time.sleep(_POLL)
             self.waited += time.monotonic() - t_wait
             got = status.Get_count(MPI.FLOAT)
-            if got != sizes[w]:  # (a longer message fails in MPI; a shorter one would not)
-                raise RankFailure(f"worker rank {w + 1} sent {got} values for an update of {sizes[w]}")
-            on_update(w, stats[w], values)
+            if got != sizes[i]:  # (a longer message fails in MPI; a shorter one would not)
+                raise RankFailure(f"worker rank {sources[i]} sent {got} values for an update of {sizes[i]}")
+            on_update(i, stats[i], values)
         return stats
 
     def send_eval(self, buf: np.ndarray) -> None:
@@ -261,14 +270,12 @@ class Comm:
             meanwhile()
         self._wait_all(reqs, [w + 1 for w in bufs], timeout, "evaluation result")
 
-    def recv_stats(self, num_workers: int, stats_len: int, timeout: float) -> np.ndarray:
-        stats = np.empty((num_workers, stats_len), dtype=np.float64)
-        reqs = [self.comm.Irecv(stats[w], source=w + 1, tag=TAG_STATS) for w in range(num_workers)]
-        self._wait_all(reqs, [w + 1 for w in range(num_workers)], timeout, "update")
+    def recv_stats(self, sources: list[int], stats_len: int, timeout: float) -> np.ndarray:
+        """Rank 0: a stats row per slot, slot i's from worker rank ``sources[i]``."""
+        stats = np.empty((len(sources), stats_len), dtype=np.float64)
+        reqs = [self.comm.Irecv(stats[i], source=src, tag=TAG_STATS) for i, src in enumerate(sources)]
+        self._wait_all(reqs, list(sources), timeout, "update")
         return stats
-
-    def send_stats(self, stats: np.ndarray) -> None:
-        self.wait(self.comm.Isend(np.ascontiguousarray(stats, dtype=np.float64), dest=0, tag=TAG_STATS))
 
     def reduce_sum(self, arr: np.ndarray, timeout: float) -> np.ndarray | None:
         """Sum of every rank's ``arr`` at rank 0 (rank 0 contributes its own, usually zeros)."""

@@ -225,6 +225,50 @@ class WorkersConfig:
         _choice("workers.throttle", self.throttle, THROTTLES)
 
 
+SELECTIONS = ("uniform",)
+SPEEDS = ("", "lognormal", "tiers")  # or a path to a CSV table of device speeds (clients.py)
+
+
+@dataclass(kw_only=True)
+class ClientsConfig:
+    count: int = _doc(
+        "Number of clients (devices with their own data and speed). 0: one client per worker rank, each "
+        "always trained by its own rank (the default; the real throttles need it). More clients than "
+        "worker ranks: each round rank 0 places the selected clients on the ranks, which train theirs one after another.",
+        0,
+    )
+    per_round: int = _doc("Clients taking part in each round (0: all of them).", 0)
+    selection: str = _doc(
+        "How a round's clients are chosen: uniform (per_round of them uniformly at random without "
+        "replacement, drawn from run.seed and the round number alone, so a resumed run draws the same).",
+        "uniform",
+    )
+    speed: str = _doc(
+        "Each client's relative speed (capacity, 1 = the fastest): empty (workers.capacity, one value a "
+        "client, or workers.fleet repeated over the clients), lognormal (exp(N(0, clients.sigma)) drawn "
+        "from run.seed, divided by the largest draw), tiers (each client draws one of the tiers fleet's "
+        "1, 0.5, 0.25), or the path of a CSV table of devices (header device,speed; each client draws a "
+        "device uniformly, capacity = its speed over the table's largest; see launch/devices/).",
+        "",
+    )
+    sigma: float = _doc("Spread of clients.speed = lognormal (the standard deviation of the log of a speed).", 0.5)
+
+    def __post_init__(self) -> None:
+        _positive_int("clients.count", self.count, 0)
+        _positive_int("clients.per_round", self.per_round, 0)
+        _choice("clients.selection", self.selection, SELECTIONS)
+        if not isinstance(self.speed, str):
+            raise ConfigError(f"clients.speed = {self.speed!r} must be lognormal, tiers, the path of a CSV file, or empty")
+        if self.speed not in SPEEDS and not self.speed.endswith(".csv"):
+            raise ConfigError(
+                f"clients.speed = {self.speed!r} is not allowed; choose one of: lognormal, tiers, a path ending in .csv, "
+                "or leave it empty (workers.capacity / workers.fleet)"
+            )
+        _number("clients.sigma", self.sigma, 0.0, 10.0, lo_open=True)
+        if self.count and self.per_round > self.count:
+            raise ConfigError(f"clients.per_round = {self.per_round} is more than clients.count = {self.count}")
+
+
 STRATEGIES = ("fedavg", "fedavg-drop", "fedprox-partial", "heterofl", "fedrolex", "elfish")
 AGGREGATIONS = ("balanced", "naive")
 MASK_POLICIES = ("random", "rolling", "ordered")
@@ -325,6 +369,7 @@ SECTIONS = {
     "model": ModelConfig,
     "train": TrainConfig,
     "workers": WorkersConfig,
+    "clients": ClientsConfig,
     "strategy": StrategyConfig,
     "checkpoint": CheckpointConfig,
 }
@@ -337,6 +382,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -369,30 +415,60 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     # -- checks that need the world size ------------------------------------
+    def num_clients(self, num_workers: int) -> int:
+        """How many clients the job has: clients.count, or one per worker rank."""
+        return self.clients.count or num_workers
+
+    def pinned(self, num_workers: int) -> bool:
+        """Whether each client is always trained by its own rank (as many clients as worker ranks)."""
+        return self.num_clients(num_workers) == num_workers
+
+    def per_round(self, num_workers: int) -> int:
+        """Clients taking part in each round."""
+        return self.clients.per_round or self.num_clients(num_workers)
+
     def check_world(self, num_workers: int) -> None:
         """Validate the settings that depend on how many worker ranks there are."""
         if num_workers < 1:
             raise ConfigError("elfish-mpi needs at least 2 MPI ranks: rank 0 aggregates, ranks 1.. train")
+        count = self.num_clients(num_workers)
+        if self.clients.per_round > count:
+            raise ConfigError(f"clients.per_round = {self.clients.per_round} is more than the {count} client(s) of this job")
         cap = self.workers.capacity
-        if cap and len(cap) != num_workers:
+        if cap and len(cap) != count:
+            if self.clients.count:
+                raise ConfigError(
+                    f"workers.capacity has {len(cap)} value(s) but the job has {count} clients (clients.count): one value a client"
+                )
             raise ConfigError(
                 f"workers.capacity has {len(cap)} value(s) but the job has {num_workers} worker rank(s) "
                 f"(mpiexec -n {len(cap) + 1} matches the capacity list)"
             )
+        if cap and self.clients.speed:
+            raise ConfigError("give either workers.capacity or clients.speed, not both")
+        if self.workers.fleet and self.clients.speed:
+            raise ConfigError("give either workers.fleet or clients.speed, not both")
         kr = self.strategy.keep_ratios
-        if kr and len(kr) != num_workers:
-            raise ConfigError(f"strategy.keep_ratios has {len(kr)} value(s) but the job has {num_workers} worker rank(s)")
+        if kr and len(kr) != count:
+            what = f"{count} clients" if self.clients.count else f"{num_workers} worker rank(s)"
+            raise ConfigError(f"strategy.keep_ratios has {len(kr)} value(s) but the job has {what}")
         if kr and any(r < self.strategy.min_keep for r in kr):
             raise ConfigError(f"strategy.keep_ratios {kr} go below strategy.min_keep = {self.strategy.min_keep}")
+        if not self.pinned(num_workers) and self.workers.throttle in ("cgroup", "affinity"):
+            raise ConfigError(
+                f"workers.throttle = {self.workers.throttle!r} slows a rank down, and with clients.count = {count} for "
+                f"{num_workers} worker rank(s) a rank trains several clients of different speeds: use sleep or virtual "
+                "(or one client per worker rank)"
+            )
 
-    def capacities(self, num_workers: int) -> list[float]:
-        """Each worker's capacity at the start of the run."""
+    def capacities(self, num_clients: int) -> list[float]:
+        """Each client's capacity from workers.capacity / workers.fleet (clients.speed: clients.py)."""
         if self.workers.capacity:
             return list(self.workers.capacity)
         if self.workers.fleet:
             preset = FLEETS[self.workers.fleet]
-            return [preset[i % len(preset)] for i in range(num_workers)]
-        return [1.0] * num_workers
+            return [preset[i % len(preset)] for i in range(num_clients)]
+        return [1.0] * num_clients
 
     # -- documentation -------------------------------------------------------
     @staticmethod

@@ -772,6 +772,55 @@ def partition(
 # --------------------------------------------------------------------------- per worker
 
 
+class ClientParts:
+    """The train split cut into ``count`` clients (a :func:`partition`; ``max_samples`` caps
+    each client's part as :func:`test_rows` picks). Labels are read once; a client's images
+    are read the first time it is asked for and kept, so a rank holds only the clients it has
+    trained (uint8, as stored)."""
+
+    def __init__(self, name: str, path: str, count: int, scheme: str, seed: int, alpha: float = 0.5,
+                 max_samples: int = 0, shards_per_worker: int = 2):
+        self.src = _open_source(name, path, "train")
+        if scheme == "natural" and self.src.groups is not None:
+            writers = int(np.unique(self.src.groups).shape[0])
+            if writers < count:
+                raise DataError(
+                    f"natural partition: only {writers} writers for {count} clients "
+                    f"(one writer a client at most; lower clients.count)"
+                )
+        parts = partition(self.src.labels, count, scheme, seed, alpha=alpha, groups=self.src.groups,
+                          shards_per_worker=shards_per_worker)
+        self.rows = []
+        for idx in parts:
+            rows = test_rows(self.src.labels[idx], max_samples)
+            self.rows.append(idx if rows is None else idx[rows])
+        self._held: dict[int, Split] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def size(self, client: int) -> int:
+        return int(self.rows[client].shape[0])
+
+    def load(self, clients) -> None:
+        """Read the images of ``clients`` not held yet, in one pass over the file."""
+        missing = [int(c) for c in clients if int(c) not in self._held]
+        if not missing:
+            return
+        union = np.unique(np.concatenate([self.rows[c] for c in missing]))
+        split = self.src.take(union)
+        for c in missing:
+            pos = np.searchsorted(union, self.rows[c])
+            self._held[c] = Split(images=np.ascontiguousarray(split.images[pos]), labels=split.labels[pos],
+                                  num_classes=split.num_classes,
+                                  groups=None if split.groups is None else split.groups[pos])
+
+    def client(self, client: int) -> Split:
+        """Client ``client``'s part (read now if not held)."""
+        self.load([client])
+        return self._held[int(client)]
+
+
 def load_worker_data(
     name: str,
     path: str,
@@ -783,21 +832,18 @@ def load_worker_data(
     max_samples: int = 0,
     shards_per_worker: int = 2,
 ) -> Split:
-    """The train split restricted to worker `worker_index` (0-based) of the partition.
+    """The train split restricted to part `worker_index` (0-based) of its partition into
+    `num_workers` parts (clients).
 
-    Only that worker's images are materialised.  With ``max_samples > 0`` the
-    first `max_samples` of the worker's (sorted) indices are kept (a fixed shuffle of them
+    Only that part's images are materialised.  With ``max_samples > 0`` the
+    first `max_samples` of the part's (sorted) indices are kept (a fixed shuffle of them
     where the file stores the set in class order: :func:`test_rows`).
     """
     if not 0 <= worker_index < num_workers:
         raise DataError(f"worker_index {worker_index} out of range for {num_workers} workers")
-    src = _open_source(name, path, "train")
-    idx = partition(
-        src.labels, num_workers, scheme, seed, alpha=alpha, groups=src.groups,
-        shards_per_worker=shards_per_worker,
-    )[worker_index]
-    rows = test_rows(src.labels[idx], max_samples)
-    return src.take(idx if rows is None else idx[rows])
+    parts = ClientParts(name, path, num_workers, scheme, seed, alpha=alpha, max_samples=max_samples,
+                        shards_per_worker=shards_per_worker)
+    return parts.client(worker_index)
 
 
 _ORDER_STREAM = 0x6F726465  # the fixed shuffle of a set stored in class order (independent of run.seed)

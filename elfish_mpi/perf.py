@@ -89,7 +89,7 @@ def transport(args) -> int:
     from .submodel import num_params, param_index
     from .protocol import new_update
     from .aggregation import RoundSums
-    from .transport import payload, receive, send
+    from .transport import Outbox, payload, receive
 
     comm = Comm()
     workers = comm.size - 1
@@ -112,14 +112,16 @@ def transport(args) -> int:
             t0 = time.perf_counter()
             if comm.rank == 0:  # the round loop's own receive and fold (transport.py, aggregation.RoundSums)
                 sums = RoundSums(size)
-                records, summed = receive(comm, mode, [len(i) for i in idxs], size, 600,
+                records, summed = receive(comm, mode, list(range(1, workers + 1)), [len(i) for i in idxs], size, 600,
                                           lambda w, rec, values: sums.add(idxs[w], values, rec["weight"]))
                 if summed is not None:
                     sums.add_sums(summed[0], summed[1], float(records["weight"].sum()))
             else:  # a worker's own payload and send
                 idx = idxs[comm.rank - 1]
                 delta = rng.standard_normal(len(idx)).astype(np.float32)
-                send(comm, mode, new_update(weight=1.0), payload(mode, size, idx, delta, 1.0, True), 600)
+                outbox = Outbox(comm, mode, size, 600)
+                outbox.send(new_update(client=comm.rank - 1, weight=1.0), payload(mode, size, idx, delta, 1.0, True))
+                outbox.close()
             comm.barrier()
             if rep:  # the first repetition warms up
                 samples.append(time.perf_counter() - t0)

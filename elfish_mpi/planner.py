@@ -1,9 +1,11 @@
-"""Keep ratios per worker and neuron group, from the profiles and a round deadline. Pure.
+"""Keep ratios per client and neuron group, from the profiles and a round deadline. Pure.
 
-Each worker w has a cost model ``t_w(cfg) = scale_w * (alpha_w + beta_w * macs(cfg)/macs(full))``
-per training step (see profiling.py); ``scale_w`` starts at 1 and follows the round times
-actually measured (an exponential moving average of measured / predicted), so a worker
-that slows down during the run is re-planned in the next round.
+Each client c has a cost model ``t_c(cfg) = scale_c * (alpha_c + beta_c * macs(cfg)/macs(full))``
+per training step (see profiling.py): its rank's fit when each client is pinned to its own
+rank (the rank profiled at the client's capacity), else the mean of the ranks' fits at full
+speed over the client's speed. ``scale_c`` starts at 1 and follows the round times actually
+measured (an exponential moving average of measured / predicted), so a client that slows
+down during the run is re-planned the next time it takes part. (Below, "worker" is a client.)
 
 The round deadline (:meth:`Planner.round_deadline`) is the one every strategy faces:
 ``strategy.deadline`` when set, used bare; by default the fastest worker's predicted
@@ -111,9 +113,10 @@ class Planner:
     def _ratios(self, kept: dict[str, int]) -> dict[str, float]:
         return {name: kept[name] / width for name, width in self._widths.items()}
 
-    def plan(self) -> list[dict[str, float]]:
+    def plan(self, clients=None) -> list[dict[str, float]]:
+        """The plans of ``clients`` (default: every client), in that order."""
         target = self.deadline_step()
-        return [self.plan_worker(w, target) for w in range(self.num_workers)]
+        return [self.plan_worker(int(w), target) for w in (range(self.num_workers) if clients is None else clients)]
 
     def plan_uniform(self) -> list[float]:
         """One keep ratio per worker for every group (nested-width methods): the largest

@@ -1,6 +1,6 @@
 """Strategies: what each worker trains in a round, and how updates combine. No MPI here.
 
-A strategy's ``configure(round)`` gives one :class:`Assignment` per worker: keep ratio per
+A strategy's ``configure(round, clients)`` gives one :class:`Assignment` per client taking part: keep ratio per
 neuron group, local steps, a time limit and a proximal coefficient. It also names the
 mask policy (which neurons the ratios keep), the weighting of the updates and the balancing
 exponent. It owns its aggregation rule: ``begin`` opens a round's sums, ``aggregate`` folds
@@ -70,10 +70,10 @@ class Strategy:
     uses_planner = False
     paper_weighting = "samples"  # the rule of the strategy's own paper (strategy.weighting = auto)
 
-    def __init__(self, cfg: Config, spec: ModelSpec, num_workers: int):
+    def __init__(self, cfg: Config, spec: ModelSpec, num_clients: int):
         self.cfg = cfg
         self.spec = spec
-        self.num_workers = num_workers
+        self.num_clients = num_clients
         self.planner: Planner | None = None
 
     @property
@@ -117,9 +117,11 @@ class Strategy:
     def uniform(self, r: float) -> dict[str, float]:
         return {name: r for name in self.spec.maskable}
 
-    def configure(self, round: int) -> list[Assignment]:
+    def configure(self, round: int, clients=None) -> list[Assignment]:
+        """What each of ``clients`` (this round's, in client order; default: all) trains."""
+        clients = range(self.num_clients) if clients is None else clients
         steps = self.cfg.train.local_steps
-        return [Assignment(self.full(), steps) for _ in range(self.num_workers)]
+        return [Assignment(self.full(), steps) for _ in clients]
 
     def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:
         if self.planner is not None:
@@ -150,21 +152,23 @@ class FedAvgDrop(Strategy):
     def needs_planner(self) -> bool:  # only to derive the default deadline
         return not self.cfg.strategy.deadline
 
-    def configure(self, round: int) -> list[Assignment]:
+    def configure(self, round: int, clients=None) -> list[Assignment]:
+        clients = range(self.num_clients) if clients is None else clients
         steps = self.cfg.train.local_steps
         limit = self.round_deadline()
-        return [Assignment(self.full(), steps, time_limit=limit) for _ in range(self.num_workers)]
+        return [Assignment(self.full(), steps, time_limit=limit) for _ in clients]
 
 
 class FedProxPartial(Strategy):
     name = "fedprox-partial"
     uses_planner = True
 
-    def configure(self, round: int) -> list[Assignment]:
+    def configure(self, round: int, clients=None) -> list[Assignment]:
+        clients = range(self.num_clients) if clients is None else clients
         steps = self.cfg.train.local_steps
         mu = self.cfg.strategy.mu
         planner = self.require_planner()
-        return [Assignment(self.full(), planner.steps_within(w, steps), mu=mu) for w in range(self.num_workers)]
+        return [Assignment(self.full(), planner.steps_within(int(c), steps), mu=mu) for c in clients]
 
 
 class HeteroFL(Strategy):
@@ -173,20 +177,21 @@ class HeteroFL(Strategy):
     mask_policy = "ordered"
     paper_weighting = "count"
 
-    def __init__(self, cfg: Config, spec: ModelSpec, num_workers: int):
-        super().__init__(cfg, spec, num_workers)
+    def __init__(self, cfg: Config, spec: ModelSpec, num_clients: int):
+        super().__init__(cfg, spec, num_clients)
         self.widths: list[float] | None = None
 
     @property
     def needs_planner(self) -> bool:  # fixed widths plan nothing
         return not self.cfg.strategy.keep_ratios
 
-    def configure(self, round: int) -> list[Assignment]:
-        if self.widths is None:  # fixed once, from the profiles
+    def configure(self, round: int, clients=None) -> list[Assignment]:
+        clients = range(self.num_clients) if clients is None else clients
+        if self.widths is None:  # fixed once for every client, from the profiles
             fixed = self.cfg.strategy.keep_ratios
             self.widths = list(fixed) if fixed else self.require_planner().plan_uniform()
         steps = self.cfg.train.local_steps
-        return [Assignment(self.uniform(r), steps) for r in self.widths]
+        return [Assignment(self.uniform(self.widths[int(c)]), steps) for c in clients]
 
     def observe(self, worker: int, ratios: dict[str, float], measured_step: float) -> None:
         return None  # static widths
@@ -217,24 +222,25 @@ class Elfish(Strategy):
     def needs_planner(self) -> bool:
         return not self.cfg.strategy.keep_ratios
 
-    def configure(self, round: int) -> list[Assignment]:
+    def configure(self, round: int, clients=None) -> list[Assignment]:
+        clients = range(self.num_clients) if clients is None else clients
         steps = self.cfg.train.local_steps
         fixed = self.cfg.strategy.keep_ratios
         if fixed:
-            return [Assignment(self.uniform(r), steps) for r in fixed]
+            return [Assignment(self.uniform(fixed[int(c)]), steps) for c in clients]
         planner = self.require_planner()
-        plans = planner.plan()
+        plans = planner.plan(clients)
         if self.cfg.strategy.fallback == "none":
             return [Assignment(r, steps) for r in plans]
         # the way out when masking alone cannot meet the deadline: fewer steps (all where it can)
-        return [Assignment(r, planner.steps_within(w, steps, r)) for w, r in enumerate(plans)]
+        return [Assignment(r, planner.steps_within(int(c), steps, r)) for c, r in zip(clients, plans)]
 
 
 STRATEGIES = {cls.name: cls for cls in (FedAvg, FedAvgDrop, FedProxPartial, HeteroFL, FedRolex, Elfish)}
 
 
-def make_strategy(cfg: Config, spec: ModelSpec, num_workers: int) -> Strategy:
-    strategy = STRATEGIES[cfg.strategy.name](cfg, spec, num_workers)
+def make_strategy(cfg: Config, spec: ModelSpec, num_clients: int) -> Strategy:
+    strategy = STRATEGIES[cfg.strategy.name](cfg, spec, num_clients)
     if cfg.strategy.transport == "reduce" and type(strategy).aggregate is not Strategy.aggregate:
         # MPI forms the sums under reduce: a rule of the strategy's own would not run
         raise ConfigError(

@@ -1,5 +1,5 @@
-"""Ranks >= 1: profile once, then each round receive (plan, masks, model), train, send (record,
-update); the messages are declared in protocol.py."""
+"""Ranks >= 1: profile once, then each round receive (plan, masks, model), train the clients
+placed here, send a (record, update) per client; the messages are declared in protocol.py."""
 from __future__ import annotations
 
 import os
@@ -71,21 +71,26 @@ def train_step(model, opt, x, y, anchor=None, mu: float = 0.0) -> float:
 
 
 class Worker:
+    """A worker rank: trains the clients rank 0 places on it (always the same one when each
+    client is pinned to its rank), one after another, each from the round's global model."""
+
     def __init__(self, comm: Comm, cfg: Config, spec: ModelSpec, setup: dict, hosts: list[str]):
         self.comm, self.cfg, self.spec = comm, cfg, spec
         self.index = comm.rank - 1
         num_workers = comm.size - 1
-        caps = cfg.capacities(num_workers)
-        self.throttle = Throttle(caps[self.index], cfg.workers.throttle)
+        self.speeds = list(setup["speeds"])  # each client's starting capacity (clients.py)
+        self.pinned = len(self.speeds) == num_workers
+        # pinned: the rank is its client's device (profiled and evaluating at its capacity);
+        # otherwise a host of clients at full speed, slowed to each client's while it trains it
+        rank_caps = self.speeds if self.pinned else [1.0] * num_workers
+        self.throttle = Throttle(rank_caps[self.index], cfg.workers.throttle)
         d = cfg.data
-        part = datamod.load_worker_data(
-            d.name, setup["data_path"], num_workers, self.index, d.partition, cfg.run.seed,
+        self.parts = datamod.ClientParts(
+            d.name, setup["data_path"], len(self.speeds), d.partition, cfg.run.seed,
             alpha=d.alpha, shards_per_worker=d.shards_per_worker, max_samples=d.max_samples,
         )
-        self.images = part.images  # uint8, a quarter of float32: each batch is normalized as it is drawn
-        self.y = torch.from_numpy(part.labels.astype(np.int64))
-        cursor = int((setup.get("cursors") or [0] * num_workers)[self.index])
-        self.sampler = Sampler(len(self.y), cfg.train.batch_size, cfg.run.seed, self.index, cursor)
+        if self.pinned:
+            self.parts.load([self.index])  # its one client's data, at start-up
         self.flat = np.empty(num_params(spec), dtype=np.float32)
         # the test set, for the chunks of it rank 0 asks this worker to evaluate (evaluation.py)
         self.test = self.eval_model = None
@@ -100,22 +105,27 @@ class Worker:
         self.inject_nan = parse_fault(os.environ.get("ELFISH_FAULT_NAN", ""))
         local = [r - 1 for r, h in enumerate(hosts) if r > 0 and h == hosts[comm.rank]]  # workers on this node
         self.throttle.attach(
-            worker=self.index, num_workers=num_workers, job_id=setup["job_id"], capacities=caps,
+            worker=self.index, num_workers=num_workers, job_id=setup["job_id"], capacities=rank_caps,
             local_workers=local, threads=cfg.run.threads,
         )
 
-    def batch(self, idx: np.ndarray) -> torch.Tensor:
+    @staticmethod
+    def batch(images: np.ndarray, idx: np.ndarray) -> torch.Tensor:
         """The float32 images of ``idx`` (the same values as normalizing the whole set first)."""
-        return torch.from_numpy(datamod.normalize(self.images[idx]))
+        return torch.from_numpy(datamod.normalize(images[idx]))
 
     # -- profiling -------------------------------------------------------------
     def profile(self) -> np.ndarray:
-        """Time training steps at every profiling configuration under this worker's throttle."""
+        """Time training steps at every profiling configuration under this rank's throttle, on
+        its client's data (pinned), or on client 0's otherwise (the cost of a step does not
+        depend on whose images it trains on)."""
         kind = self.cfg.strategy.profile
         configs = profiling.configurations(self.spec, kind)
         torch.manual_seed(self.cfg.run.seed)
         base = flat_params(self.spec.init_module())
-        probe = Sampler(len(self.y), self.cfg.train.batch_size, self.cfg.run.seed + 1, self.index)
+        part = self.parts.client(self.index if self.pinned else 0)
+        images, y = part.images, torch.from_numpy(part.labels.astype(np.int64))
+        probe = Sampler(len(y), self.cfg.train.batch_size, self.cfg.run.seed + 1, self.index)
         models, samples, macs, mem = [], [[] for _ in configs], [], []
         for row in configs:
             ratios = profiling.ratios_of(self.spec, row)
@@ -129,10 +139,10 @@ class Worker:
         for _ in range(profiling.passes(kind)):
             for i, (model, opt) in enumerate(models):
                 idx = probe.next()
-                train_step(model, opt, self.batch(idx), self.y[idx])
+                train_step(model, opt, self.batch(images, idx), y[idx])
                 for _ in range(self.cfg.strategy.profile_steps):
                     idx = probe.next()
-                    _, t = self.throttle.run(train_step, model, opt, self.batch(idx), self.y[idx])
+                    _, t = self.throttle.run(train_step, model, opt, self.batch(images, idx), y[idx])
                     samples[i].append(t.reported)
         times = [float(np.median(s)) for s in samples]
         return np.concatenate([times, macs, mem])
@@ -151,10 +161,14 @@ class Worker:
         buf[0, 0] = time.perf_counter() - t0
         return buf
 
-    # -- one round ----------------------------------------------------------------
-    def train_round(self, rnd: int, kept: dict, task: Task, received: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Train the sub-network of ``kept`` as ``task`` says; (UPDATE record, payload)."""
+    # -- one client in a round ----------------------------------------------------
+    def train_client(self, rnd: int, kept: dict, task: Task, received: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Train client ``task.client``'s sub-network of ``kept`` from the global model as
+        ``task`` says, on its data from its data position; (UPDATE record, payload)."""
         t_start = time.perf_counter()
+        part = self.parts.client(task.client)
+        images, y = part.images, torch.from_numpy(part.labels.astype(np.int64))
+        sampler = Sampler(len(y), self.cfg.train.batch_size, self.cfg.run.seed, task.client, task.cursor)
         model, idx = build_submodel(self.spec, kept, self.flat)
         start = self.flat[idx]
         opt = torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr, momentum=self.cfg.train.momentum)
@@ -165,8 +179,8 @@ class Worker:
             if task.time_limit and reported >= task.time_limit:
                 late = True  # out of time: stop here; the update is dropped
                 break
-            b = self.sampler.next()
-            loss, t = self.throttle.run(train_step, model, opt, self.batch(b), self.y[b], anchor, task.mu)
+            b = sampler.next()
+            loss, t = self.throttle.run(train_step, model, opt, self.batch(images, b), y[b], anchor, task.mu)
             reported += t.reported
             virtual += t.virtual
             loss_sum += loss
@@ -176,11 +190,11 @@ class Worker:
         if (self.index + 1, rnd) in self.inject_nan:
             delta[::7] = np.nan  # fault injection for tests (ELFISH_FAULT_NAN)
         finite = bool(np.all(np.isfinite(delta)))
-        weight = worker_weight(len(self.y), keep_ratio(self.spec, kept), task.balance, task.weighting)
+        weight = worker_weight(len(y), keep_ratio(self.spec, kept), task.balance, task.weighting)
         data = transport.payload(self.cfg.strategy.transport, self.flat.size, idx, delta, weight, finite and not late)
         record = new_update(
-            step_time=reported / max(steps, 1), virtual_time=virtual, num_samples=len(self.y),
-            train_loss=loss_sum / max(steps, 1), steps=steps, cursor=self.sampler.cursor, weight=weight,
+            client=task.client, step_time=reported / max(steps, 1), virtual_time=virtual, num_samples=len(y),
+            train_loss=loss_sum / max(steps, 1), steps=steps, cursor=sampler.cursor, weight=weight,
             late=float(late), finite=float(finite), signal=float(signals.requested() is not None),
             bytes_sent=data.nbytes, busy_time=time.perf_counter() - t_start, peak_memory=peak_memory(),
             bytes_received=received,
@@ -188,33 +202,41 @@ class Worker:
         return record, data
 
     def run(self, do_profile: bool) -> None:
+        rank = self.comm.rank
         try:
             self.comm.barrier()  # every worker starts (timing) at once, under the same load
             if do_profile:
                 supervisor.note("while profiling")
                 self.comm.gather_rows(self.profile())
-            masks = mask_buffer(self.spec, self.comm.size - 1)
             received = self.comm.received
             while True:
                 plan: Plan = self.comm.bcast_obj(None)
                 if plan.stop:
                     return
                 supervisor.note(f"in round {plan.round}")
+                masks = mask_buffer(self.spec, len(plan.clients))
                 if plan.train:
                     self.comm.bcast_array(masks)
                 self.comm.bcast_array(self.flat)
-                task = plan.task(self.index) if plan.train else None
-                if task is not None and task.capacity != self.throttle.capacity:  # (before evaluating: rank 0 split by it)
-                    self.throttle.set_capacity(task.capacity, capacities=list(plan.capacity))
+                if plan.rank_capacity[self.index] != self.throttle.capacity:  # (before evaluating: rank 0 split by it)
+                    self.throttle.set_capacity(plan.rank_capacity[self.index], capacities=list(plan.rank_capacity))
                 chunks = plan.eval_chunks[self.index] if plan.evaluate else (0, 0)
                 if chunks[1] > chunks[0]:
                     self.comm.send_eval(self.evaluate_share(chunks))
-                if task is None:
+                if not plan.train:
                     continue
-                record, data = self.train_round(plan.round, unpack_masks(self.spec, masks, self.index), task,
-                                                received=self.comm.received - received)
-                received = self.comm.received
-                transport.send(self.comm, self.cfg.strategy.transport, record, data, self.cfg.run.round_timeout)
-                supervisor.note(f"after its update of round {plan.round}, before round {plan.round + 1}'s plan arrived")
+                slots = plan.slots_of(rank)
+                self.parts.load(plan.clients[i] for i in slots)  # clients new to this rank: one read
+                outbox = transport.Outbox(self.comm, self.cfg.strategy.transport, self.flat.size, self.cfg.run.round_timeout)
+                for slot in slots:
+                    task = plan.task(slot)
+                    if task.capacity != self.throttle.capacity:
+                        self.throttle.set_capacity(task.capacity, capacities=list(plan.rank_capacity))
+                    record, data = self.train_client(plan.round, unpack_masks(self.spec, masks, slot), task,
+                                                     received=self.comm.received - received)
+                    received = self.comm.received
+                    outbox.send(record, data)
+                outbox.close()
+                supervisor.note(f"after its updates of round {plan.round}, before round {plan.round + 1}'s plan arrived")
         finally:
             self.throttle.detach()

@@ -48,7 +48,7 @@ def test_updates_reach_rank_zero_intact_in_worker_order(comm):
             seen.append((w, row.copy(), values.copy()))
 
         # Execute
-        stats = comm.stream_updates(sizes, 3, 30, arrived)
+        stats = comm.stream_updates(list(range(1, comm.size)), sizes, 3, 30, arrived)
         # Assert: every update intact, handed over in worker order whatever the arrival order
         assert [w for w, _, _ in seen] == list(range(comm.size - 1))
         for w, row, values in seen:
@@ -58,7 +58,33 @@ def test_updates_reach_rank_zero_intact_in_worker_order(comm):
     else:
         w = comm.rank - 1
         time.sleep(0.2 * (comm.size - 1 - comm.rank))
-        comm.send_update(np.array([comm.rank, 2.0, 3.0]), np.arange(sizes[w], dtype=np.float32) + w)
+        requests, _buffers = comm.post_update(np.array([comm.rank, 2.0, 3.0]), np.arange(sizes[w], dtype=np.float32) + w)
+        comm.wait_sends(requests)
+    comm.barrier()
+
+
+def test_several_updates_of_one_rank_arrive_in_slot_order(comm):
+    # Prepare: slots alternate between the workers (rank 1, 2, ..., 1, 2, ...), three each; each
+    # worker posts all of its sends at once, rank 1 last, and waits only at the end
+    workers = comm.size - 1
+    sources = [1 + i % workers for i in range(3 * workers)]
+    sizes = [3 + i for i in range(len(sources))]
+    if comm.rank == 0:
+        seen = []
+
+        # Execute
+        comm.stream_updates(sources, sizes, 2, 30, lambda i, row, values: seen.append((i, row.copy(), values.copy())))
+        # Assert: slot i's record and values, from its own rank, in slot order
+        assert [i for i, _, _ in seen] == list(range(len(sources)))
+        for i, row, values in seen:
+            np.testing.assert_array_equal(row, [sources[i], i])
+            np.testing.assert_array_equal(values, np.full(sizes[i], i, dtype=np.float32))
+    else:
+        time.sleep(0.2 * (comm.size - 1 - comm.rank))
+        posted = [comm.post_update(np.array([comm.rank, i], dtype=np.float64), np.full(sizes[i], i, dtype=np.float32))
+                  for i, r in enumerate(sources) if r == comm.rank]
+        for requests, _buffers in posted:
+            comm.wait_sends(requests)
     comm.barrier()
 
 
@@ -78,12 +104,12 @@ def test_missing_update_times_out_naming_the_rank(comm, rank1_sends, first_named
         # Execute / Assert: every rank whose update is missing is named (rank 1 too when only
         # its stats came), and no other
         with pytest.raises(RoundTimeout) as info:
-            comm.stream_updates([2] * (comm.size - 1), 1, 0.5, lambda *update: None)
+            comm.stream_updates(list(range(1, comm.size)), [2] * (comm.size - 1), 1, 0.5, lambda *update: None)
         named = ", ".join(str(r) for r in range(first_named, comm.size))
         assert f"worker rank(s) {named} within" in str(info.value)
     elif comm.rank == 1:
         if rank1_sends == "update":
-            comm.send_update(np.ones(1), np.ones(2, dtype=np.float32))
+            comm.wait_sends(comm.post_update(np.ones(1), np.ones(2, dtype=np.float32))[0])
         else:
-            comm.send_stats(np.ones(1))
+            comm.wait_sends(comm.post_stats(np.ones(1))[0])
     comm.barrier()

@@ -71,22 +71,22 @@ import numpy as np
 from elfish_mpi import comm as _comm, worker as _worker
 from elfish_mpi.cli import main
 RANK, ROUND, WHERE = {rank}, {round}, {where!r}
-_train, _send, _bcast = _worker.Worker.train_round, _comm.Comm.send_update, _comm.Comm.bcast_obj
+_train, _post, _bcast = _worker.Worker.train_client, _comm.Comm.post_update, _comm.Comm.bcast_obj
 _send_eval = _comm.Comm.send_eval
 _sent = [0]
 
-def train_round(self, rnd, kept, *args, **kwargs):
+def train_client(self, rnd, kept, *args, **kwargs):
     if WHERE == "training" and self.comm.rank == RANK and rnd == ROUND:
         os.kill(os.getpid(), signal.SIGSTOP)
     return _train(self, rnd, kept, *args, **kwargs)
 
-def send_update(self, stats, values):
+def post_update(self, stats, values):
     if WHERE == "die-sending" and self.rank == RANK and _sent[0] == ROUND - 1:
         self.comm.Isend(np.ascontiguousarray(stats, dtype=np.float64), dest=0, tag=_comm.TAG_STATS)
         self.comm.Isend(np.ascontiguousarray(values, dtype=np.float32), dest=0, tag=_comm.TAG_VALUES)
         os.kill(os.getpid(), signal.SIGKILL)  # gone while rank 0 receives the update
-    _send(self, stats, values)
     _sent[0] += 1
+    return _post(self, stats, values)
 
 def bcast_obj(self, *args, **kwargs):
     if WHERE == "between-rounds" and self.rank == RANK and _sent[0] == ROUND - 1:
@@ -98,8 +98,8 @@ def send_eval(self, buf):
         os.kill(os.getpid(), signal.SIGSTOP)
     _send_eval(self, buf)
 
-_worker.Worker.train_round = train_round
-_comm.Comm.send_update = send_update
+_worker.Worker.train_client = train_client
+_comm.Comm.post_update = post_update
 _comm.Comm.send_eval = send_eval
 _comm.Comm.bcast_obj = bcast_obj
 sys.exit(main(sys.argv[1:]))

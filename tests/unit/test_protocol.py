@@ -64,13 +64,16 @@ def test_new_update_refuses_an_unknown_field():
         new_update(bogus=1.0)
 
 
-def test_plan_gives_each_worker_its_task_and_pickles():
-    plan = Plan(round=4, steps=(10, 3), time_limit=(0.0, 2.5), mu=(0.01, 0.01), capacity=(1.0, 0.25),
+def test_plan_gives_each_slot_its_task_and_each_rank_its_slots_and_pickles():
+    # three clients on two ranks: rank 2 trains clients 4 and 9, in that order
+    plan = Plan(round=4, clients=(4, 7, 9), ranks=(2, 1, 2), steps=(10, 3, 5), time_limit=(0.0, 2.5, 0.0),
+                mu=(0.01, 0.01, 0.0), capacity=(1.0, 0.25, 0.5), cursor=(64, 0, 96), rank_capacity=(1.0, 1.0),
                 balance=0.5, weighting="count")
     again = pickle.loads(pickle.dumps(plan))
     assert again == plan and not again.stop
-    task = again.task(1)
-    assert (task.steps, task.time_limit, task.capacity, task.weighting) == (3, 2.5, 0.25, "count")
+    assert again.slots_of(2) == [0, 2] and again.slots_of(1) == [1] and again.slots_of(3) == []
+    task = again.task(2)
+    assert (task.client, task.steps, task.time_limit, task.capacity, task.cursor, task.weighting) == (9, 5, 0.0, 0.5, 96, "count")
     assert Plan.stop_message().stop
 
 
