@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 import traceback
@@ -183,11 +182,11 @@ def run(comm, args) -> int:
         return 2
 
     # -- workers attach their throttles; errors agreed on through rank 0 -------------
-    hosts = comm.allgather_obj(socket.gethostname())
+    peers = comm.core_peers()
     throttle, work, error, detail = None, None, None, ""
     if comm.rank > 0:
         index = comm.rank - 1
-        local = [r - 1 for r, h in enumerate(hosts) if r > 0 and h == hosts[comm.rank]]
+        local = [r - 1 for r in peers if r > 0]
         try:
             work = _Work(args, setup, index, num_workers)
             throttle = Throttle(setup["capacities"][index], args.throttle)

@@ -382,6 +382,7 @@ def run_job(comm, setup: dict) -> int:
     # Every rank sets up its part; an error on any rank (a worker's data, its throttle) is
     # reported by rank 0 and every rank leaves with exit code 2, before any round.
     hosts = comm.allgather_obj(socket.gethostname())
+    peers = comm.core_peers()  # the ranks sharing this one's cores (node-local communicator)
     role, error = None, None
     try:
         if comm.rank == 0:
@@ -395,7 +396,7 @@ def run_job(comm, setup: dict) -> int:
             made_by = provenance.collect(comm.size, hosts, library_version())
             role = Aggregator(comm, cfg, spec, dict(setup, resume_ckpt=setup["_ckpt"], provenance=made_by), (x, y))
         else:
-            role = Worker(comm, cfg, spec, setup, hosts)
+            role = Worker(comm, cfg, spec, setup, peers)
     except known_errors() as exc:
         error = f"rank {comm.rank}: {exc}"
     except Exception as exc:

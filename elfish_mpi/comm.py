@@ -129,6 +129,22 @@ class Comm:
         errors = [e for e in (self.gather_obj(error) or []) if e]
         return self.bcast_obj(errors[0] if errors else None)
 
+    def core_peers(self) -> list[int]:
+        """The ranks (of this communicator) that share cores with this one: on the same node
+        (MPI's node-local communicator, ``COMM_TYPE_SHARED``) with a CPU set that meets this
+        rank's (``sched_getaffinity``: what ``srun --cpu-bind`` or ``mpiexec -bind-to`` left
+        it). Unbound ranks of a node all share; ranks bound to cores of their own share with
+        none but themselves. Collective over the communicator."""
+        import os
+
+        mine = set(os.sched_getaffinity(0))
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            seen = node.allgather((self.rank, sorted(mine)))
+        finally:
+            node.Free()
+        return sorted(r for r, cores in seen if mine & set(cores))
+
     def barrier(self) -> None:
         self.wait(self.comm.Ibarrier())
 

@@ -74,7 +74,7 @@ class Worker:
     """A worker rank: trains the clients rank 0 places on it (always the same one when each
     client is pinned to its rank), one after another, each from the round's global model."""
 
-    def __init__(self, comm: Comm, cfg: Config, spec: ModelSpec, setup: dict, hosts: list[str]):
+    def __init__(self, comm: Comm, cfg: Config, spec: ModelSpec, setup: dict, peers: list[int]):
         self.comm, self.cfg, self.spec = comm, cfg, spec
         self.index = comm.rank - 1
         num_workers = comm.size - 1
@@ -103,7 +103,7 @@ class Worker:
                 )
             self.eval_model = full_model(spec)
         self.inject_nan = parse_fault(os.environ.get("ELFISH_FAULT_NAN", ""))
-        local = [r - 1 for r, h in enumerate(hosts) if r > 0 and h == hosts[comm.rank]]  # workers on this node
+        local = [r - 1 for r in peers if r > 0]  # the workers that share this one's cores (Comm.core_peers)
         self.throttle.attach(
             worker=self.index, num_workers=num_workers, job_id=setup["job_id"], capacities=rank_caps,
             local_workers=local, threads=cfg.run.threads,

@@ -1,4 +1,5 @@
 """The MPI layer on real ranks: run with `mpiexec -n 3 python -m pytest --with-mpi tests/mpi`."""
+import os
 import time
 
 import numpy as np
@@ -113,3 +114,19 @@ def test_missing_update_times_out_naming_the_rank(comm, rank1_sends, first_named
         else:
             comm.wait_sends(comm.post_stats(np.ones(1))[0])
     comm.barrier()
+
+
+def test_core_peers_are_the_ranks_of_the_node_that_share_cores(comm):
+    # Prepare: unbound ranks of one node share every core
+    home = os.sched_getaffinity(0)
+    assert comm.core_peers() == list(range(comm.size))
+    # Execute: bind each rank to one core of its own choosing (rank r to core r mod cores), as
+    # srun --cpu-bind or mpiexec -bind-to would
+    cores = sorted(home)
+    os.sched_setaffinity(0, {cores[comm.rank % len(cores)]})
+    try:
+        peers = comm.core_peers()
+    finally:
+        os.sched_setaffinity(0, home)
+    # Assert: only the ranks bound to the same core share with it
+    assert peers == [q for q in range(comm.size) if q % len(cores) == comm.rank % len(cores)]
