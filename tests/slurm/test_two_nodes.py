@@ -16,7 +16,7 @@ interface elfish0; hydra's control address on it): see tests/slurm/README.
 
 Runs as root with slurm-wlm, munge, iproute2 and util-linux; skipped under the same
 conditions as test_slurm.py (not root, SLURM not installed, ELFISH_SLURM_TESTS=0), where
-network namespaces cannot be made, and with ELFISH_SLURM_2NODE=0. About a minute on 2 cores.
+network namespaces cannot be made, and with ELFISH_SLURM_2NODE=0. 1-1.5 minutes on 2 cores.
 """
 from __future__ import annotations
 
