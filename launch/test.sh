@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite: unit tests (no MPI), then the multi-rank tests under mpiexec (MPICH),
-# the SLURM tests (a real one-node cluster on loopback: as root, where slurm-wlm and munge
-# are installed or ELFISH_SLURM_TESTS=1 lets them be installed; skipped otherwise), then the
+# the SLURM tests (a real one-node cluster on loopback, and a two-node one made of network
+# namespaces: as root, where slurm-wlm and munge are installed or ELFISH_SLURM_TESTS=1 lets
+# them be installed; skipped otherwise; ELFISH_SLURM_2NODE=0 skips the two-node one), then the
 # multi-rank tests again under Debian's Open MPI when it can be had (ELFISH_TEST_OPENMPI=0
 # skips that). Sets up .venv on first use (launch/setup.sh).
 # ELFISH_TEST_RANKS picks the MPI size (default 3).
