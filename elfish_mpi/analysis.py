@@ -3,7 +3,7 @@
     from elfish_mpi import analysis
     run = analysis.open_run("runs/quickstart")       # a run directory or a checkpoint file
     run.metrics                  # one row per round (index: round): test_accuracy, round_time, ...
-    run.workers                  # one row per round and worker: round, worker, rank, keep_ratio, busy_time, ...
+    run.workers                  # one row per round and client taking part: round, worker, client, rank, keep_ratio, ...
     run.per_worker("busy_time")  # the same as a (rounds, workers) array
     run.coverage["conv1"]        # how often each neuron of a group was trained
     run.masks(3)                 # per worker, the kept neurons of every group in round 3
@@ -105,12 +105,18 @@ class Run:
 
 
 def _long(workers: dict, rounds: np.ndarray) -> pd.DataFrame:
-    """(rounds, workers) arrays -> one row per round and worker (columns round, worker, rank, ...)."""
+    """(rounds, slots) arrays -> one row per round and slot (columns round, worker, client,
+    rank, ...). A slot is one client taking part in the round; ``worker`` is its column (with one
+    client pinned to each rank, all taking part, the worker rank - 1), ``client`` and ``rank``
+    come from /workers/client and /workers/rank (older checkpoints: the column and column + 1)."""
     arrays = {k: np.asarray(v, dtype=float) for k, v in workers.items() if np.asarray(v).ndim == 2}
     if not arrays:
-        return pd.DataFrame(columns=["round", "worker", "rank"])
+        return pd.DataFrame(columns=["round", "worker", "client", "rank"])
     n, w = next(iter(arrays.values())).shape
-    frame = {"round": np.repeat(rounds[:n], w), "worker": np.tile(np.arange(w), n), "rank": np.tile(np.arange(1, w + 1), n)}
+    frame = {"round": np.repeat(rounds[:n], w), "worker": np.tile(np.arange(w), n)}
+    for name, default in (("client", np.tile(np.arange(w), n)), ("rank", np.tile(np.arange(1, w + 1), n))):
+        given = arrays.pop(name, None)
+        frame[name] = given[:n].reshape(-1).astype(np.int64) if given is not None and given.shape == (n, w) else default
     frame.update({k: v[:n].reshape(-1) for k, v in arrays.items() if v.shape == (n, w)})
     return pd.DataFrame(frame)
 

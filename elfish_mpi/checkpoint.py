@@ -35,17 +35,21 @@ Groups and datasets:
     ``maxshape=(None,)``. E.g. ``round``, ``round_time``, ``virtual_time``,
     ``test_accuracy``, ``test_loss``.
 ``/workers/<name>``
-    Per-round, per-worker values, shape ``(round, workers)``,
-    ``maxshape=(None, workers)``. E.g. ``keep_ratio``, ``busy_time``,
-    ``idle_time``, ``virtual_time``, ``num_samples``. Every dataset has the
-    same number of columns (workers).
+    Per-round values of each client that took part, shape ``(round, slots)``,
+    ``maxshape=(None, slots)``: a column (slot) per client of the round, in
+    client order; ``client`` and ``rank`` name the client and the worker rank
+    that trained it (with one client pinned to each worker rank and all taking
+    part, the default, column w is worker rank w + 1's client w). E.g.
+    ``keep_ratio``, ``busy_time``, ``idle_time``, ``virtual_time``,
+    ``num_samples``, ``steps``. Every dataset has the same number of columns
+    (``clients.per_round``). Files without ``client``/``rank`` hold one column a worker.
 ``/masks/round``
     int64 ``(rounds,)``: the 1-based rounds whose masks follow, in order.
 ``/masks/<group>``
-    uint8 ``(rounds, workers, ceil(neurons / 8))``, ``maxshape=(None, workers,
+    uint8 ``(rounds, slots, ceil(neurons / 8))``, ``maxshape=(None, slots,
     bytes)``: which neurons of the neuron group ``<group>`` (models.py; for
-    LeNet and AlexNet a group is named after its layer) each worker kept (trained) in each
-    round, one bit a neuron, packed as ``numpy.packbits`` packs them (first
+    LeNet and AlexNet a group is named after its layer) each client of the round
+    (the slots of ``/workers``) kept (trained), one bit a neuron, packed as ``numpy.packbits`` packs them (first
     neuron in the highest bit of the first byte); attribute ``neurons``. The
     kept indices of worker ``w`` in the ``i``-th round listed:
     ``np.flatnonzero(np.unpackbits(ds[i, w], count=ds.attrs["neurons"]))``.
@@ -728,7 +732,8 @@ class _Reader:
 
 
 def kept_neurons(f: h5py.File, rnd: int, worker: int, layer: str) -> np.ndarray:
-    """The sorted neurons of ``layer`` that ``worker`` (0-based: rank - 1) kept in round ``rnd``,
+    """The sorted neurons of ``layer`` that slot ``worker`` (the round's column in /workers: its
+    client is /workers/client; rank - 1 where clients are pinned and all take part) kept in round ``rnd``,
     from an h5py file open for reading (format_version 2, or 1)."""
     if "masks/round" not in f:  # format_version 1
         return np.asarray(f[f"masks/round_{rnd:06d}/worker_{worker:02d}/{layer}"][()], dtype=np.int32)

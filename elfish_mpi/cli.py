@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a checkpoint's summary")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    i.add_argument("--masks", type=int, metavar="ROUND", help="print the neurons each worker kept in round ROUND")
+    i.add_argument("--masks", type=int, metavar="ROUND", help="print the neurons each client kept in round ROUND")
     e = sub.add_parser("evaluate", help="accuracy and loss of a checkpoint's global model on a test set, per class too")
     e.add_argument("checkpoint", help="a checkpoint file or a run directory (its checkpoint.h5)")
     e.add_argument("--data", metavar="NAME", help="data set (default: the run's data.name)")
@@ -440,9 +440,14 @@ def inspect(args) -> int:
             rounds = sorted(ck.masks)
             listed = f"rounds {rounds[0]} to {rounds[-1]}" if rounds else "no rounds"
             raise UsageError(f"{args.checkpoint} holds the masks of {listed}, not of round {args.masks}")
+        row = list(ck.metrics["round"]).index(args.masks) if args.masks in list(ck.metrics.get("round", [])) else None
         for w, layers in enumerate(ck.masks[args.masks]):
+            client, rank = w, w + 1  # (older checkpoints: one worker a rank)
+            if row is not None and "client" in ck.workers:
+                client, rank = int(ck.workers["client"][row, w]), int(ck.workers["rank"][row, w])
+            who = f"worker {w} (rank {rank})" if (client, rank) == (w, w + 1) else f"client {client} (rank {rank})"
             for layer, kept in layers.items():
-                print(f"round {args.masks} worker {w} (rank {w + 1}) {layer}: {len(kept)} kept: {' '.join(map(str, kept))}")
+                print(f"round {args.masks} {who} {layer}: {len(kept)} kept: {' '.join(map(str, kept))}")
         return 0
     if args.json:
         print(json.dumps({k: [float(x) for x in v] for k, v in ck.metrics.items()}))

@@ -1,8 +1,9 @@
 """Capacity traces: how each worker's capacity changes over the rounds. Pure.
 
 A trace is a CSV file with a header ``round,w1,...,wN`` and rows ``R,c1,...,cN``: from
-round R on (until the next row) worker i runs at capacity ci. Rounds before the first row
-use the run's starting capacities (``workers.capacity`` or ``workers.fleet``).
+round R on (until the next row) client i runs at capacity ci (a column a client: with the
+default one client a worker rank, a column a worker). Rounds before the first row use the
+clients' starting capacities (``workers.capacity``, ``workers.fleet`` or ``clients.speed``).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def load_trace(path: str | Path, num_workers: int) -> Trace:
         raise ConfigError(f"workers.trace = {str(p)!r}: the first line must be the header round,w1,...,w{num_workers}")
     if len(table[0]) != num_workers + 1:
         raise ConfigError(
-            f"workers.trace = {str(p)!r}: the header has {len(table[0]) - 1} worker column(s) but the job has {num_workers} worker(s)"
+            f"workers.trace = {str(p)!r}: the header has {len(table[0]) - 1} column(s) but the job has {num_workers} client(s) (one a worker rank unless clients.count says otherwise)"
         )
     rows = []
     for line_no, row in enumerate(table[1:], start=2):

@@ -78,8 +78,8 @@ class Planner:
         """Seconds of training per round that every strategy faces (see the module docstring)."""
         if self.deadline > 0:
             return self.deadline
-        full = {name: 1.0 for name in self._widths}
-        fastest = min(self.predict(w, full) for w in range(self.num_workers))
+        full = macs_fraction(self.spec, {name: 1.0 for name in self._widths})
+        fastest = float(np.min(self.scale * (self.alpha + self.beta * full)))  # (predict, for every client at once)
         return fastest * self.local_steps * (1.0 + self.slack)
 
     def deadline_step(self) -> float:

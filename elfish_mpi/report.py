@@ -124,6 +124,9 @@ def timeline_panels(runs: list[Run]) -> list[Run]:
 def _capacities(r: Run) -> list[float] | None:
     from .config import Config
 
+    w = r.workers
+    if len(w) and not (np.array_equal(w["client"], w["worker"]) and np.array_equal(w["rank"], w["worker"] + 1)):
+        return None  # the clients of a row change from round to round: no one capacity a row
     try:
         return Config.from_dict(r.config).capacities(r.num_workers)
     except Exception:  # a config from another version: leave the capacities out
