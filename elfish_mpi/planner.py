@@ -88,27 +88,51 @@ class Planner:
 
     def plan_worker(self, worker: int, target: float) -> dict[str, float]:
         """Keep ratios (each a whole number of units over the group's units) that meet
-        ``target`` seconds per step, cutting greedily where a removed neuron saves the most."""
+        ``target`` seconds per step, cutting greedily where a removed neuron saves the most:
+        the first configuration of :meth:`cut_path` whose prediction meets it (or the path's
+        last, every group at its floor). A worker's predicted time is an increasing function of
+        the MACs fraction (``scale * beta > 0``), so the greedy's order of cuts is the same for
+        every worker and is computed once; where it is not, cutting saves nothing and the worker
+        keeps the full model."""
+        path = self.cut_path()
+        a, b, sc = self.alpha[worker], self.beta[worker], self.scale[worker]
+        if not sc * b > 0:
+            return dict(path[0][0])
+        for ratios, fraction in path:
+            if float(sc * (a + b * fraction)) <= target:
+                return dict(ratios)
+        return dict(path[-1][0])
+
+    def cut_path(self) -> list[tuple[dict[str, float], float]]:
+        """The greedy's cuts, from the full model to every group at its floor: each move takes
+        ``step`` of one group's width (at least one unit) off the group that removes the most
+        MACs per unit really removed, never below ``min_keep`` (whole units, rounded up) and
+        never a move that removes nothing; (ratios, MACs fraction) after each move."""
+        if getattr(self, "_path", None) is not None:
+            return self._path
         kept = dict(self._widths)
         floor = {name: keep_count(width, self.min_keep) for name, width in self._widths.items()}
-        current = self.predict(worker, self._ratios(kept))
-        while current > target:
-            best, best_gain, best_time = None, 0.0, current
+        current = macs_fraction(self.spec, self._ratios(kept))
+        path = [(self._ratios(kept), current)]
+        while True:
+            best, best_gain, best_f = None, 0.0, current
             for name, width in self._widths.items():
                 k = max(floor[name], kept[name] - max(1, math.ceil(self.step * width - 1e-9)))
                 if k >= kept[name]:
                     continue  # at its floor
                 trial = dict(kept, **{name: k})
-                t = self.predict(worker, self._ratios(trial))
-                if t >= current:
+                f = macs_fraction(self.spec, self._ratios(trial))
+                if f >= current:
                     continue  # a move that saves nothing is no move
-                gain = (current - t) / (kept[name] - k)  # seconds saved per neuron really removed
+                gain = (current - f) / (kept[name] - k)  # MACs removed per neuron really removed
                 if best is None or gain > best_gain:
-                    best, best_gain, best_time = trial, gain, t
+                    best, best_gain, best_f = trial, gain, f
             if best is None:
                 break
-            kept, current = best, best_time
-        return self._ratios(kept)
+            kept, current = best, best_f
+            path.append((self._ratios(kept), current))
+        self._path = path
+        return path
 
     def _ratios(self, kept: dict[str, int]) -> dict[str, float]:
         return {name: kept[name] / width for name, width in self._widths.items()}
