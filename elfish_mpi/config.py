@@ -112,10 +112,10 @@ PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 class DataConfig:
     name: str = _doc("Data set: " + ", ".join(DATA_NAMES) + ".", "fashion-mnist")
     path: str = _doc("File or directory of the data set; empty: look in the standard places (see data/README.md).", "")
-    partition: str = _doc("How training data is split over workers: " + ", ".join(PARTITIONS) + ".", "iid")
+    partition: str = _doc("How training data is split over the clients (one per worker rank unless clients.count says otherwise): " + ", ".join(PARTITIONS) + ".", "iid")
     alpha: float = _doc("Dirichlet concentration for partition = dirichlet (smaller: more label skew).", 0.5)
-    shards_per_worker: int = _doc("Shards per worker for partition = shards.", 2)
-    max_samples: int = _doc("Cap on each worker's training samples (0: all of its partition).", 0)
+    shards_per_worker: int = _doc("Shards per client for partition = shards.", 2)
+    max_samples: int = _doc("Cap on each client's training samples (0: all of its partition).", 0)
     test_samples: int = _doc("Test samples the global model is evaluated on: the first this many of the test split (0: all of it; a split stored in class order, as the CIFAR-10 npz, is taken in a fixed shuffled order).", 0)
 
     def __post_init__(self) -> None:
@@ -188,18 +188,18 @@ FLEETS = {
 @dataclass(kw_only=True)
 class WorkersConfig:
     capacity: list = _doc(
-        "Relative speed of each worker rank (1.0 = full speed); one value per worker, "
-        "so its length must equal the number of ranks minus one. Empty: workers.fleet, else all 1.0.",
+        "Relative speed (capacity, 1.0 = full speed) of each client; one value per client: with the default "
+        "one client per worker rank, as many as the ranks minus one. Empty: workers.fleet, clients.speed, else all 1.0.",
         factory=list,
     )
     fleet: str = _doc(
-        "A named fleet instead of a capacity list: " + ", ".join(FLEETS) + " (repeated over the workers); "
+        "A named fleet instead of a capacity list: " + ", ".join(FLEETS) + " (repeated over the clients); "
         "paper = Jetson Nano, AWS DeepLens, Raspberry Pi (1, 0.2, 0.533).",
         "",
     )
     trace: str = _doc(
         "CSV of capacities over time: a header 'round,w1,...,wN', then rows 'R,c1,...,cN'; from round R on "
-        "(until the next row) worker i runs at capacity ci. Empty: capacities stay fixed.",
+        "(until the next row) client i runs at capacity ci (a column a client). Empty: capacities stay fixed.",
         "",
     )
     throttle: str = _doc(
@@ -295,11 +295,11 @@ class StrategyConfig:
         "random",
     )
     min_keep: float = _doc("Smallest keep ratio the planner may give a neuron group.", 0.25)
-    keep_ratios: list = _doc("Fixed keep ratio per worker (overrides planning); empty: planned from the profiles.", factory=list)
+    keep_ratios: list = _doc("Fixed keep ratio per client (overrides planning); empty: planned from the profiles.", factory=list)
     deadline: float = _doc(
         "Round deadline in seconds of training, the same for every strategy that has one (elfish, heterofl and fedrolex "
         "plan to meet it, fedprox-partial fits its steps into it, fedavg-drop drops an update that misses it); "
-        "0: the fastest worker's predicted full-model round time plus 10%.",
+        "0: the fastest client's predicted full-model round time plus 10%.",
         0.0,
     )
     balance: float = _doc(
