@@ -147,7 +147,7 @@ class Aggregator:
             ]
             capacity_all = self.trace.capacities(rnd, self.start_capacity) if self.trace else self.start_capacity
             capacity = [capacity_all[c] for c in sel]
-            costs = [a.steps * macs_fraction(spec, a.ratios) / cap for a, cap in zip(assignments, capacity)]
+            costs = self.predicted_times(sel, assignments, capacity)
             ranks = clientsmod.place(sel, costs, self.num_workers, self.clients.pinned)
             self.rank_capacity = self.rank_capacities(capacity_all)
             # 2. broadcast the plan, the masks (packed bits) and the global model
@@ -203,6 +203,14 @@ class Aggregator:
         self.comm.bcast_obj(Plan.stop_message(), what=STOP_BCAST)
         self.summary()
         return 0
+
+    def predicted_times(self, sel, assignments, capacity) -> list[float]:
+        """Each selected client's predicted training time, what placement balances: the
+        planner's prediction where the strategy plans, else MACs x steps / capacity (relative)."""
+        planner = self.strategy.planner
+        if planner is not None:
+            return [a.steps * planner.predict(int(c), a.ratios) for c, a in zip(sel, assignments)]
+        return [a.steps * macs_fraction(self.spec, a.ratios) / cap for a, cap in zip(assignments, capacity)]
 
     def due(self, rnd: int) -> bool:
         """Whether round ``rnd``'s model is evaluated (by the round number alone: never timing)."""

@@ -414,6 +414,8 @@ def run_job(comm, setup: dict) -> int:
         speeds = setup["speeds"]
         if len(speeds) == comm.size - 1:
             who = f"{comm.size - 1} workers, capacities [{' '.join(f'{c:g}' for c in speeds)}]"
+            if cfg.per_round(comm.size - 1) < len(speeds):
+                who += f", {cfg.per_round(comm.size - 1)} of them a round"
         else:
             who = (f"{len(speeds)} clients ({cfg.per_round(comm.size - 1)} a round) on {comm.size - 1} workers, "
                    f"capacities {min(speeds):.3g}..{max(speeds):.3g} (median {sorted(speeds)[len(speeds) // 2]:.3g})")

@@ -117,13 +117,14 @@ class Worker:
     # -- profiling -------------------------------------------------------------
     def profile(self) -> np.ndarray:
         """Time training steps at every profiling configuration under this rank's throttle, on
-        its client's data (pinned), or on client 0's otherwise (the cost of a step does not
-        depend on whose images it trains on)."""
+        its client's data (pinned), or otherwise on the data of the client with the most samples
+        (the cost of a step does not depend on whose images it trains on, but a client with fewer
+        images than a batch would time smaller batches)."""
         kind = self.cfg.strategy.profile
         configs = profiling.configurations(self.spec, kind)
         torch.manual_seed(self.cfg.run.seed)
         base = flat_params(self.spec.init_module())
-        part = self.parts.client(self.index if self.pinned else 0)
+        part = self.parts.client(self.index if self.pinned else max(range(len(self.parts)), key=self.parts.size))
         images, y = part.images, torch.from_numpy(part.labels.astype(np.int64))
         probe = Sampler(len(y), self.cfg.train.batch_size, self.cfg.run.seed + 1, self.index)
         models, samples, macs, mem = [], [[] for _ in configs], [], []
@@ -237,6 +238,7 @@ class Worker:
                     received = self.comm.received
                     outbox.send(record, data)
                 outbox.close()
-                supervisor.note(f"after its updates of round {plan.round}, before round {plan.round + 1}'s plan arrived")
+                done = {0: "with no client in round", 1: "after its update of round"}.get(len(slots), "after its updates of round")
+                supervisor.note(f"{done} {plan.round}, before round {plan.round + 1}'s plan arrived")
         finally:
             self.throttle.detach()
