@@ -34,38 +34,17 @@
 # Every daemon and namespace holder runs under `timeout` (ELFISH_SLURM_LIFETIME, default
 # 3600 s) in its own session; `up` first takes down whatever a previous cluster in DIR left.
 # Needs root, iproute2 and util-linux (nsenter/unshare), and Debian's slurm-wlm and munge
-# (installed with apt-get when missing, unless ELFISH_SLURM_NO_INSTALL=1).
+# (installed with apt-get when missing, unless ELFISH_SLURM_NO_INSTALL=1). What this script
+# shares with cluster.sh (installing the packages, starting and stopping daemons, munge, the
+# common slurm.conf lines, waiting for idle nodes) is in lib.sh, beside it.
 set -euo pipefail
 
-die() { echo "cluster2.sh: $*" >&2; exit 1; }
-usage() { die "usage: cluster2.sh up|down|status DIR"; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # die, start_daemon, start_munge, wait_idle, ...
 
 [ $# -eq 2 ] || usage
 cmd=$1
 dir=$2
 IFACE=elfish0  # the node-side interface, the same name in every node
-
-find_sbin() {
-    command -v "$1" 2>/dev/null || { [ -x "/usr/sbin/$1" ] && echo "/usr/sbin/$1"; } || return 1
-}
-
-install_packages() {
-    local missing=0 b
-    for b in slurmctld slurmd munged sbatch srun ip nsenter unshare; do
-        find_sbin "$b" >/dev/null || missing=1
-    done
-    [ $missing -eq 0 ] && return 0
-    [ "$(id -u)" = 0 ] || die "slurm-wlm/munge/iproute2/util-linux are not installed and we are not root to install them"
-    [ "${ELFISH_SLURM_NO_INSTALL:-0}" = 1 ] && die "slurm-wlm/munge/iproute2 are not installed (ELFISH_SLURM_NO_INSTALL=1)"
-    command -v apt-get >/dev/null || die "slurm-wlm/munge/iproute2 are not installed and there is no apt-get"
-    echo "cluster2.sh: installing slurm-wlm munge iproute2 util-linux" >&2
-    timeout 300 apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq slurm-wlm munge iproute2 util-linux >/dev/null
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 # Names and addresses, all derived from DIR (absolute) unless overridden.
 derive_names() {
@@ -80,42 +59,6 @@ derive_names() {
 host_veth() { echo "elfv${tag}n$1"; }     # root-namespace end of node $1's veth
 node_name() { echo "node$1"; }
 node_addr() { echo "$subnet.$((10 + $1))"; }
-
-# start_daemon NAME PIDFILE CMD...: as in cluster.sh, a foreground daemon under `timeout`
-# in its own session; waits (5 s) for its pid file.
-start_daemon() {
-    local name=$1 pidfile=$2
-    shift 2
-    rm -f "$pidfile"
-    setsid timeout --kill-after=10 "${ELFISH_SLURM_LIFETIME:-3600}" "$@" \
-        >>"$dir/$name.stdout" 2>&1 </dev/null &
-    for _ in $(seq 100); do
-        [ -s "$pidfile" ] && return 0
-        kill -0 $! 2>/dev/null || break
-        sleep 0.1
-    done
-    cat "$dir/$name.stdout" >&2 2>/dev/null || true
-    die "$name did not start (see $dir/$name.stdout and its log in $dir)"
-}
-
-stop_pid() {  # stop_pid PID NAME: TERM, then KILL after 10 s
-    local pid=$1 name=$2
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    echo "cluster2.sh: $name ($pid) did not stop; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-stop_pidfile() {  # stop_pidfile FILE NAME
-    local f=$1
-    [ -f "$f" ] || return 0
-    stop_pid "$(cat "$f" 2>/dev/null || true)" "$2"
-    rm -f "$f"
-}
 
 # The namespace holder of node $1: its pid, only if that process is still the holder we
 # started (a sleep whose command line names DIR), so a recycled pid is never signalled.
@@ -133,9 +76,7 @@ down() {
     dir=$(cd "$dir" && pwd)
     derive_names
     if [ -f "$dir/slurm.conf" ] && [ -s "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
-        # Cancel what is left (a live slurmctld only) so no job processes stay behind.
-        SLURM_CONF="$dir/slurm.conf" timeout 10 scancel --full --signal=KILL --user=root >/dev/null 2>&1 || true
-        SLURM_CONF="$dir/slurm.conf" timeout 10 scancel --user=root >/dev/null 2>&1 || true
+        cancel_jobs  # (a live slurmctld only)
     fi
     local i n pid f
     n=$nodes
@@ -227,47 +168,25 @@ network_up() {
 
 up() {
     [ "$(id -u)" = 0 ] || die "the test cluster creates namespaces and runs its daemons as root; run as root"
-    install_packages
+    install_packages "slurmctld slurmd munged sbatch srun ip nsenter unshare" "slurm-wlm munge iproute2 util-linux"
     local slurmctld slurmd munged host cpus d_port deadline i pid name node_list
-    slurmctld=$(find_sbin slurmctld) || die "slurmctld not found"
-    slurmd=$(find_sbin slurmd) || die "slurmd not found"
-    munged=$(find_sbin munged) || die "munged not found"
+    find_daemons
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
     down  # whatever a previous cluster in the same directory left
     derive_names
     pick_subnet
     # From here on, a failure takes down whatever this call started.
-    trap 'rc=$?; trap - EXIT; if [ $rc != 0 ]; then echo "cluster2.sh: up failed; taking down what it started" >&2; down || true; fi; exit $rc' EXIT
-    mkdir -p "$dir/state" "$dir/munge" "$dir/nodes"
-    chmod 700 "$dir/munge"
-
-    # munge: a private key, socket, pid, log and seed file. The socket is a file, so the
-    # slurmds in the node namespaces reach the same munged.
-    if [ ! -s "$dir/munge/munge.key" ]; then
-        if find_sbin mungekey >/dev/null; then
-            "$(find_sbin mungekey)" --create --keyfile="$dir/munge/munge.key" --force
-        else
-            dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
-        fi
-    fi
-    chmod 400 "$dir/munge/munge.key"
-    start_daemon munged "$dir/munge/munged.pid" "$munged" --foreground --force \
-        --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
-        --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" \
-        --seed-file="$dir/munge/munged.seed"
-    for _ in $(seq 50); do
-        [ -S "$dir/munge/munge.socket" ] && break
-        sleep 0.1
-    done
-    munge --socket="$dir/munge/munge.socket" -n </dev/null | unmunge --socket="$dir/munge/munge.socket" >/dev/null \
-        || die "munge does not work (see $dir/munge/munged.log)"
+    trap 'rc=$?; trap - EXIT; if [ $rc != 0 ]; then echo "$prog: up failed; taking down what it started" >&2; down || true; fi; exit $rc' EXIT
+    mkdir -p "$dir/state" "$dir/nodes"
+    # The slurmds in the node namespaces reach the same munged by its socket's path.
+    start_munge "$munged"
 
     host=$(hostname -s)
     cpus=${ELFISH_SLURM_CPUS:-4}
-    ctld_port=$(free_port)  # free on loopback; slurmctld binds it on the bridge address
-    d_port=$(free_port)     # every slurmd has its own port space: the same port on each node
-    while [ "$d_port" = "$ctld_port" ]; do d_port=$(free_port); done
+    # Free on loopback; slurmctld binds ctld_port on the bridge address, and every slurmd,
+    # each in its own port space, d_port on its node's.
+    pick_ports
     node_list="node[1-$nodes]"
     [ "$nodes" = 1 ] && node_list=node1
     {
@@ -277,38 +196,12 @@ ClusterName=elfishtest2
 SlurmctldHost=$host($subnet.1)
 SlurmctldPort=$ctld_port
 SlurmdPort=$d_port
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
-StateSaveLocation=$dir/state
 # Per node (%n: the node's name): its spool, pid and log file.
 SlurmdSpoolDir=$dir/nodes/%n/spool
-SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/nodes/%n/slurmd.pid
-SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/nodes/%n/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/builtin
-SchedulerParameters=sched_interval=2
-MpiDefault=pmi2
-FirstJobId=$(( RANDOM * 1000 + 1000 ))
-JobRequeue=1
-KillWait=30
-ReturnToService=2
-SlurmdParameters=config_overrides
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MinJobAge=600
-InactiveLimit=0
 EOF
+        slurm_conf_common
         for i in $(seq "$nodes"); do
             echo "NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") NodeHostname=$(node_name "$i") CPUs=$cpus State=UNKNOWN"
         done
@@ -340,21 +233,8 @@ EOF
             nsenter -t "$pid" --net --uts "$slurmd" -D -f "$dir/slurm.conf" -N "$name"
     done
 
-    deadline=$((SECONDS + ${ELFISH_SLURM_BOOT_TIMEOUT:-60}))
-    local states="" want
-    want=$(printf 'idle\n%.0s' $(seq "$nodes"))
-    while [ $SECONDS -lt $deadline ]; do
-        states=$(timeout 10 sinfo -h -N -o '%N %T' 2>/dev/null | sort -u || true)
-        [ "$(awk '{print $2}' <<<"$states")" = "${want%$'\n'}" ] && break
-        while read -r n s; do
-            case "$s" in
-                down*|drain*) timeout 10 scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true ;;
-            esac
-        done <<<"$states"
-        sleep 0.5
-    done
-    if [ "$(awk '{print $2}' <<<"$states")" != "${want%$'\n'}" ]; then
-        echo "cluster2.sh: nodes not all idle after ${ELFISH_SLURM_BOOT_TIMEOUT:-60} s:" >&2
+    if ! wait_idle "$nodes"; then
+        echo "$prog: nodes not all idle after ${ELFISH_SLURM_BOOT_TIMEOUT:-60} s:" >&2
         echo "$states" >&2
         tail -n 20 "$dir/slurmctld.log" "$dir"/nodes/*/slurmd.log >&2 || true
         exit 1
@@ -374,7 +254,7 @@ EOF
         done
     fi
     trap - EXIT
-    echo "cluster2.sh: $nodes nodes idle ($node_list, $cpus CPUs each, on $bridge $subnet.0/24); source $dir/env"
+    echo "$prog: $nodes nodes idle ($node_list, $cpus CPUs each, on $bridge $subnet.0/24); source $dir/env"
 }
 
 status() {

@@ -19,80 +19,28 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from slurm_tools import ROOT, SAMPLE, SBATCH, SLURM_TOOLS, Cluster, booted, skip_reason, tail
 
-ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
-SBATCH = ROOT / "launch" / "slurm" / "elfish.sbatch"
 SWEEP = ROOT / "launch" / "slurm" / "sweep.sbatch"
-SAMPLE = ROOT / "tests" / "data" / "fashion-mnist"
 RANKS = 3  # rank 0 aggregates, two workers
 ROUNDS = 12
 # Slow enough that the job is still running when it is preempted after round 2, on a
 # loaded 2-core machine and on a fast one; ELFISH_SLURM_TEST_STEPS overrides.
 LOCAL_STEPS = int(os.environ.get("ELFISH_SLURM_TEST_STEPS", "40"))
-DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 
-
-def _installed(name: str) -> bool:
-    return shutil.which(name) is not None or os.access(f"/usr/sbin/{name}", os.X_OK)
-
-
-def _skip_reason() -> str | None:
-    flag = os.environ.get("ELFISH_SLURM_TESTS", "")
-    if flag == "0":
-        return "ELFISH_SLURM_TESTS=0"
-    if flag == "1":
-        return None
-    if os.geteuid() != 0:
-        return "the SLURM tests boot slurmctld/slurmd/munged as root: run as root, or set ELFISH_SLURM_TESTS=1"
-    missing = [d for d in DAEMONS if not _installed(d)]
-    if missing:
-        return (f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge, "
-                f"or set ELFISH_SLURM_TESTS=1 to let tests/slurm/cluster.sh install it")
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = skip_reason(SLURM_TOOLS, "SLURM is not installed ({missing} missing): apt-get install slurm-wlm munge, "
+                                   "or set ELFISH_SLURM_TESTS=1 to let tests/slurm/cluster.sh install it")
 pytestmark = [pytest.mark.skipif(_REASON is not None, reason=_REASON or ""), pytest.mark.timeout(900)]
 
 
 # ----------------------------------------------------------------------------- helpers
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"({path}: {exc})"
-
-
-class Cluster:
-    def __init__(self, path: Path):
-        self.path = path
-        self.env = dict(os.environ, SLURM_CONF=str(path / "slurm.conf"))
-        for key in list(self.env):  # never inherit an enclosing job's or mpiexec's identity
-            if key.startswith(("SLURM_", "PMI_", "PMIX_", "HYDRA_", "OMPI_")) and key != "SLURM_CONF":
-                del self.env[key]
-
-    def run(self, *cmd: str, timeout: float = 30, check: bool = True, cwd: Path | None = None) -> str:
-        p = subprocess.run(cmd, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-        if check and p.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} exited with {p.returncode}:\n{p.stdout}\n{p.stderr}")
-        return p.stdout
-
-    def job(self, jobid: str) -> dict:
-        out = self.run("scontrol", "show", "job", "-o", jobid, check=False)
-        return dict(re.findall(r"(\w+)=(\S*)", out))
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {name}\n{_tail(self.path / name, 25)}" for name in ("slurmctld.log", "slurmd.log"))
-
-
 def wait_for(what: str, predicate, timeout: float, poll: float = 0.5, diagnose=lambda: ""):
     deadline = time.monotonic() + timeout
     while True:
@@ -147,16 +95,8 @@ keep = 0
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     path = tmp_path_factory.mktemp("slurm")
-    t0 = time.monotonic()
-    p = subprocess.run(["bash", str(CLUSTER), "up", str(path)], capture_output=True, text=True, timeout=600)
-    if p.returncode != 0:
-        subprocess.run(["bash", str(CLUSTER), "down", str(path)], capture_output=True, timeout=120)
-        raise AssertionError(f"cluster.sh up failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    print(f"\nSLURM test cluster up in {time.monotonic() - t0:.1f} s: {path}", file=sys.stderr)
-    try:
+    with booted(CLUSTER, path, "SLURM test cluster", down_timeout=120):
         yield Cluster(path)
-    finally:
-        subprocess.run(["bash", str(CLUSTER), "down", str(path)], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +124,7 @@ def test_srun_pmi2_starts_one_mpi_world(cluster):
     """srun --mpi=pmi2 with the MPICH wheel: one world of RANKS processes, not RANKS singletons."""
     code = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
             "print('rank', c.rank, 'size', c.size, 'sum', c.allreduce(c.rank), flush=True)")
-    out = cluster.run("srun", "--mpi=pmi2", "-n", str(RANKS), sys.executable, "-c", code, timeout=120)
+    out = cluster.run("srun", "--mpi=pmi2", "-n", str(RANKS), sys.executable, "-c", code, timeout=120).stdout
     lines = sorted(line for line in out.splitlines() if line.startswith("rank"))
     expect_sum = RANKS * (RANKS - 1) // 2
     assert lines == [f"rank {r} size {RANKS} sum {expect_sum}" for r in range(RANKS)], out
@@ -195,7 +135,7 @@ def submit(cluster: Cluster, workdir: Path, config: Path, run: Path) -> str:
         "sbatch", "--parsable", f"--ntasks={RANKS}",
         f"--export=ALL,ELFISH_CONFIG={config},ELFISH_OUT={run}",
         str(SBATCH), cwd=workdir,
-    )
+    ).stdout
     return out.strip().split(";")[0]
 
 
@@ -206,7 +146,7 @@ def preempt_and_finish(cluster: Cluster, tmp_path: Path, config: Path, preempt) 
     output = tmp_path / f"elfish-{jobid}.out"  # the template's --output=elfish-%j.out, in the submit dir
 
     def diagnose():
-        return f"job: {cluster.job(jobid)}\n--- {output.name}\n{_tail(output, 60)}\n{cluster.logs()}"
+        return f"job: {cluster.job(jobid)}\n--- {output.name}\n{tail(output, 60)}\n{cluster.logs()}"
 
     def job_state():
         return cluster.job(jobid).get("JobState", "?")
@@ -299,12 +239,12 @@ def test_killed_worker_is_named_and_ends_the_job(cluster, config, tmp_path):
         "sbatch", "--parsable", f"--ntasks={RANKS}",
         f"--export=ALL,ELFISH_CONFIG={config},ELFISH_OUT={run},ELFISH_ARGS=--set run.rounds=1000",
         str(SBATCH), cwd=tmp_path,
-    )
+    ).stdout
     jobid = out.strip().split(";")[0]
     output = tmp_path / f"elfish-{jobid}.out"
 
     def diagnose():
-        return f"job: {cluster.job(jobid)}\n--- {output.name}\n{_tail(output, 60)}\n{cluster.logs()}"
+        return f"job: {cluster.job(jobid)}\n--- {output.name}\n{tail(output, 60)}\n{cluster.logs()}"
 
     wait_for("round 2's checkpoint", lambda: latest_round(run) >= 2, 300, 0.2, diagnose)
     victim = wait_for("worker rank 2's process", lambda: slurm_rank_pid(jobid, 2), 30, 0.2, diagnose)
@@ -318,7 +258,7 @@ def test_killed_worker_is_named_and_ends_the_job(cluster, config, tmp_path):
 
     # Assert: srun (--kill-on-bad-exit) cancels the step: SIGTERM, and SIGKILL KillWait later;
     # the other worker, waiting for rank 0, goes at KillWait at the latest.
-    kill_wait = int(re.search(r"KillWait\s*=\s*(\d+)", cluster.run("scontrol", "show", "config")).group(1))
+    kill_wait = int(re.search(r"KillWait\s*=\s*(\d+)", cluster.run("scontrol", "show", "config").stdout).group(1))
     text = output.read_text(errors="replace")
     assert elapsed < kill_wait + 15, f"the job took {elapsed:.1f} s to end (KillWait {kill_wait} s)\n{diagnose()}"
     # Rank 0 either finished the round under way (the worker had delivered its update) and
@@ -359,12 +299,12 @@ def run_tiny_job(cluster: Cluster, tmp_path: Path, *sbatch_options: str, export:
     out = cluster.run(
         "sbatch", "--parsable", f"--ntasks={RANKS}", *sbatch_options,
         f"--export=ALL,ELFISH_CONFIG={config},ELFISH_OUT={run}{export}", str(SBATCH), cwd=tmp_path,
-    )
+    ).stdout
     jobid = out.strip().split(";")[0]
     output = tmp_path / f"elfish-{jobid}.out"
 
     def diagnose():
-        return f"job: {cluster.job(jobid)}\n--- {output.name}\n{_tail(output, 60)}\n{cluster.logs()}"
+        return f"job: {cluster.job(jobid)}\n--- {output.name}\n{tail(output, 60)}\n{cluster.logs()}"
 
     wait_for("the job to end", lambda: cluster.job(jobid).get("JobState") not in ("RUNNING", "PENDING", "COMPLETING", "?", None),
              300, 0.5, diagnose)
@@ -436,18 +376,18 @@ def test_sweep_maps_array_tasks_to_strategy_and_seed(cluster, tmp_path):
         out = cluster.run(
             "sbatch", "--parsable", "--array=0-2", f"--ntasks={RANKS}",
             f"--export=ALL,ELFISH_CONFIG={config},ELFISH_OUT={tmp_path / 'sweep'}", str(SWEEP), cwd=tmp_path,
-        )
+        ).stdout
     finally:
         for key in ("ELFISH_STRATEGIES", "ELFISH_SEEDS"):
             del cluster.env[key]
     array = out.strip().split(";")[0]
 
     def tasks():
-        text = cluster.run("scontrol", "show", "job", "-o", array, check=False)
+        text = cluster.run("scontrol", "show", "job", "-o", array, check=False).stdout
         return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in text.splitlines() if "ArrayTaskId=" in line]
 
     def diagnose():
-        logs = "\n".join(f"--- {p.name}\n{_tail(p, 30)}" for p in sorted(tmp_path.glob("elfish-sweep-*.out")))
+        logs = "\n".join(f"--- {p.name}\n{tail(p, 30)}" for p in sorted(tmp_path.glob("elfish-sweep-*.out")))
         return f"{tasks()}\n{logs}\n{cluster.logs()}"
 
     ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")

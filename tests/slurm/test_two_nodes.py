@@ -30,17 +30,15 @@ import time
 from pathlib import Path
 
 import pytest
+import slurm_tools
+from slurm_tools import ROOT, SAMPLE, SBATCH, SLURM_TOOLS, booted, skip_reason, tail
 
-ROOT = Path(__file__).resolve().parents[2]
 CLUSTER2 = ROOT / "tests" / "slurm" / "cluster2.sh"
-SBATCH = ROOT / "launch" / "slurm" / "elfish.sbatch"
 CONFIG = ROOT / "launch" / "configs" / "quickstart.toml"
-SAMPLE = ROOT / "tests" / "data" / "fashion-mnist"
 NODES = 2
 RANKS = 3  # rank 0 aggregates, two workers: 2 tasks on node1 and 1 on node2
 ROUNDS = 2
-TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo",
-         "ip", "nsenter", "unshare")
+TOOLS = SLURM_TOOLS + ("ip", "nsenter", "unshare")
 TRAIN_ARGS = (
     "--config", str(CONFIG),
     "--set", f"run.rounds={ROUNDS}", "--set", "train.local_steps=3", "--set", "workers.throttle=virtual",
@@ -49,28 +47,15 @@ TRAIN_ARGS = (
 )
 
 
-def _installed(name: str) -> bool:
-    return shutil.which(name) is not None or os.access(f"/usr/sbin/{name}", os.X_OK)
-
-
 def _skip_reason() -> str | None:
-    flag = os.environ.get("ELFISH_SLURM_TESTS", "")
-    if flag == "0":
-        return "ELFISH_SLURM_TESTS=0"
-    if os.environ.get("ELFISH_SLURM_2NODE", "") == "0":
-        return "ELFISH_SLURM_2NODE=0"
-    if flag != "1":
-        if os.geteuid() != 0:
-            return "the SLURM tests boot slurmctld/slurmd/munged as root: run as root, or set ELFISH_SLURM_TESTS=1"
-        missing = [d for d in TOOLS if not _installed(d)]
-        if missing:
-            return (f"not installed: {', '.join(missing)} (apt-get install slurm-wlm munge iproute2 util-linux, "
-                    f"or set ELFISH_SLURM_TESTS=1 to let tests/slurm/cluster2.sh install them)")
-    if os.geteuid() == 0 and shutil.which("unshare"):
+    reason = skip_reason(TOOLS, "not installed: {missing} (apt-get install slurm-wlm munge iproute2 util-linux, "
+                                "or set ELFISH_SLURM_TESTS=1 to let tests/slurm/cluster2.sh install them)",
+                         switch="ELFISH_SLURM_2NODE")
+    if reason is None and os.geteuid() == 0 and shutil.which("unshare"):
         p = subprocess.run(["unshare", "--net", "--uts", "true"], capture_output=True, text=True, timeout=30)
         if p.returncode != 0:
             return f"cannot create network/UTS namespaces here: {p.stderr.strip()}"
-    return None
+    return reason
 
 
 _REASON = _skip_reason()
@@ -78,49 +63,23 @@ pytestmark = [pytest.mark.skipif(_REASON is not None, reason=_REASON or ""), pyt
 
 
 # ----------------------------------------------------------------------------- helpers
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"({path}: {exc})"
+class Cluster(slurm_tools.Cluster):
+    """The several-node cluster: its env also drops the MPI settings this process may have
+    (cluster2.sh's DIR/env gives the cluster's) and puts this checkout first on PYTHONPATH;
+    ``nodes`` maps each node's name to its address and the root end of its veth."""
 
+    DROP = slurm_tools.Cluster.DROP + ("MPIR_CVAR_", "FI_", "UCX_")
+    RUN_TIMEOUT = 60.0
 
-class Cluster:
     def __init__(self, path: Path):
-        self.path = path
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPIR_CVAR_", "FI_", "UCX_"))}
-        # SLURM_CONF and the MPI settings for this cluster, from the file users source.
-        for line in (path / "env").read_text().splitlines():
-            if line.startswith("export "):
-                for word in line.split()[1:]:
-                    key, _, value = word.partition("=")
-                    env[key] = value
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)  # this checkout
-        self.env = env
+        super().__init__(path)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH", "")) if p)
         # bridge NAME ADDR / nodeN ADDR HOST-VETH
         rows = [line.split() for line in (path / "network").read_text().splitlines() if line.strip()]
         self.nodes = {r[0]: (r[1], r[2]) for r in rows if r[0] != "bridge"}
 
-    def run(self, *cmd: str, timeout: float = 60, check: bool = True, cwd: Path | None = None,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-        try:
-            p = subprocess.run(cmd, env=env or self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise AssertionError(f"{' '.join(cmd)} did not end within {timeout:.0f} s:\n"
-                                 f"{exc.stdout or ''}\n{exc.stderr or ''}\n{self.logs()}") from None
-        if check and p.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} exited with {p.returncode}:\n{p.stdout[-4000:]}\n"
-                                 f"{p.stderr[-4000:]}\n{self.logs()}")
-        return p
-
-    def job(self, jobid: str) -> dict:
-        out = self.run("scontrol", "show", "job", "-o", jobid, check=False).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", out))
-
-    def logs(self) -> str:
-        files = [self.path / "slurmctld.log"] + sorted(self.path.glob("nodes/*/slurmd.log"))
-        return "\n".join(f"--- {f.relative_to(self.path)}\n{_tail(f, 25)}" for f in files)
+    def log_files(self) -> list[Path]:
+        return [self.path / "slurmctld.log"] + sorted(self.path.glob("nodes/*/slurmd.log"))
 
     def traffic(self) -> dict[str, int]:
         """Bytes received + sent so far by each node's veth (its root end, on the bridge)."""
@@ -138,7 +97,7 @@ class Cluster:
                 return info
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {jobid} did not end within {timeout:.0f} s: {info}\n"
-                                     f"--- {output.name}\n{_tail(output, 60)}\n{self.logs()}")
+                                     f"--- {output.name}\n{tail(output, 60)}\n{self.logs()}")
             time.sleep(0.5)
 
 
@@ -163,19 +122,9 @@ def check_trained_over_both_nodes(cluster: Cluster, run: Path, jobid: str, diagn
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     path = tmp_path_factory.mktemp("slurm2")
-    t0 = time.monotonic()
-    env = dict(os.environ, ELFISH_SLURM_NODES=str(NODES))
-    p = subprocess.run(["bash", str(CLUSTER2), "up", str(path)], env=env, capture_output=True, text=True, timeout=600)
-    if p.returncode != 0:
-        subprocess.run(["bash", str(CLUSTER2), "down", str(path)], capture_output=True, timeout=180)
-        raise AssertionError(f"cluster2.sh up failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    print(f"\n{NODES}-node SLURM test cluster up in {time.monotonic() - t0:.1f} s: {path}", file=sys.stderr)
-    try:
+    with booted(CLUSTER2, path, f"{NODES}-node SLURM test cluster", down_timeout=180,
+                env=dict(os.environ, ELFISH_SLURM_NODES=str(NODES))):
         yield Cluster(path)
-    finally:
-        p = subprocess.run(["bash", str(CLUSTER2), "down", str(path)], capture_output=True, text=True, timeout=180)
-        if p.returncode != 0:
-            print(f"cluster2.sh down failed ({p.returncode}):\n{p.stdout}\n{p.stderr}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------- tests
