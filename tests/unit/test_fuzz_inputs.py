@@ -637,7 +637,7 @@ def prepare_resume(path: Path, new: Path) -> dict:
 
 def test_resume_checks_accept_the_undamaged_checkpoint(trained, tmp_path):
     setup = prepare_resume(trained, tmp_path / "new")
-    assert setup["resume"] and setup["cursors"] is not None and len(setup["cursors"]) == 2
+    assert setup["resume"] and setup["speeds"] == [1.0, 1.0]  # (the run's two clients, one a worker)
     assert not (tmp_path / "new").exists()
 
 
@@ -656,7 +656,7 @@ def test_resume_refuses_workers_datasets_of_different_widths(trained, tmp_path):
 @pytest.mark.parametrize("change, message", [
     pytest.param(lambda f: f.attrs.__setitem__("num_workers", fixed("two")), "attribute num_workers = .*two.* is not a number"),
     pytest.param(lambda f: reshape(f, "state/cursor", (1,)),
-                 re.escape("/state/cursor must hold one data position per worker (2)")),
+                 re.escape("/state/cursor must hold one data position per client (2)")),
     pytest.param(lambda f: reshape(f, "coverage/fc1", (3,)), re.escape("/coverage/fc1 must have shape (500,)")),
     pytest.param(lambda f: f.__delitem__("profiles"), re.escape("/profiles/macs must have shape (2, ")),
 ], ids=["num_workers-text", "cursor-length", "coverage-width", "no-profiles"])
