@@ -292,7 +292,7 @@ def summary_markdown(summary: pd.DataFrame, header: dict, *, budget: float | Non
         "Final accuracy: test accuracy after the last round (mean ± sample std over seeds). "
         f"Time to target ({clock} clock): {'wall-clock' if clock == 'wall' else 'cumulative virtual'} seconds of training until the test accuracy first reached the target "
         "(mean over the seeds that reached it; reached/seeds in brackets). Round times: median over rounds, "
-        "mean over seeds; virtual: the slowest worker's CPU time / capacity. Speedup: FedAvg's median round "
+        "mean over seeds; virtual: the slowest client's CPU time / capacity. Speedup: FedAvg's median round "
         "time / the strategy's. Idle share: worker time spent waiting for the round to end. MB/round: "
         "update payload sent to rank 0 by all workers, per round.",
         "",

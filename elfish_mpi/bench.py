@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, help="seconds (of --clock): also report the accuracy reached within this budget")
     p.add_argument("--clock", choices=("wall", "virtual"), default="wall",
                    help="time axis of time-to-target and --time-budget: wall clock, or cumulative virtual time "
-                        "(each round's slowest worker's CPU time / capacity; robust on a shared machine)")
+                        "(each round's slowest client's CPU time / capacity; robust on a shared machine)")
     p.add_argument("--timeline-rounds", type=int, default=5, help="rounds shown in timeline.png (default: 5)")
     p.add_argument("--run-timeout", type=float, default=3600.0, help="seconds one run may take before it is killed (default: 3600)")
     return p

@@ -98,7 +98,7 @@ def plot_accuracy(runs: list[Run], axis: str, path: str | Path, *, title: str = 
     if target is not None and math.isfinite(target):
         ax.axhline(target * 100, color="grey", linestyle=":", linewidth=1, label=f"{target_label} {target:.1%}")
     ax.set_xlabel("wall-clock time since training started (s)" if axis == "wall"
-                  else "cumulative virtual time (s): per round, the slowest worker's CPU time / capacity")
+                  else "cumulative virtual time (s): per round, the slowest client's CPU time / capacity")
     ax.set_ylabel("test accuracy (%)")
     ax.set_xlim(left=0)
     ax.grid(True, alpha=0.3)

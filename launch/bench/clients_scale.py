@@ -49,6 +49,8 @@ def run(n: int, rounds: int, data: str, out: Path) -> dict:
         "ranks": n, "total_s": total, "startup_s": total - float(m["wall_clock"][-1]),
         "profiling_s": float(c.profiles.get("profiling_time", [np.nan])[0]),
         "round_s": float(np.median(rt)), "root_share": float(np.median(np.asarray(m["root_busy_time"]) / rt)),
+        "root_cpu_s": float(np.median(m["root_cpu_time"])), "root_eval_s": float(np.nanmedian(m["eval_root_time"])),
+        "training_cpu_s": float(np.median(np.asarray(w["busy_time"]).sum(axis=1))),
         "virtual_s": float(np.median(m["virtual_time"])), "busy_per_rank_s": float(np.median(
             [np.bincount(w["rank"][i].astype(int) - 1, weights=w["busy_time"][i]).max() for i in range(len(rt))])),
         "received_per_round": float(np.median(np.asarray(w["bytes_sent"]).sum(axis=1))),
@@ -86,12 +88,14 @@ def main() -> int:
     rows = [run(int(n), args.rounds, args.data, out / f"n{n}") for n in args.ranks.split(",")]
     print(f"1,000 clients, 100 a round, LeNet on Fashion-MNIST, 10 steps of 20, virtual clock, elfish (quick "
           f"profiles), {args.rounds} rounds, {os.cpu_count()} cores; medians over the rounds\n")
-    print("| ranks | start-up s | profiling s | round s | rank 0 share | slowest client virtual s | "
-          "busiest rank's training s | bytes to rank 0 / round | peak MiB rank 0 / worker | checkpoint |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| ranks | start-up s | profiling s | round s | rank 0 busy share | rank 0 CPU s | of which evaluating s | "
+          "slowest client virtual s | busiest rank's training s | all clients' training s | bytes to rank 0 / round "
+          "| peak MiB rank 0 / worker | checkpoint |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['ranks']} | {r['startup_s']:.1f} | {r['profiling_s']:.1f} | {r['round_s']:.2f} | {r['root_share']:.1%} "
-              f"| {r['virtual_s']:.3f} | {r['busy_per_rank_s']:.2f} | {r['received_per_round'] / 1e6:.2f} MB "
+              f"| {r['root_cpu_s']:.2f} | {r['root_eval_s']:.2f} | {r['virtual_s']:.3f} | {r['busy_per_rank_s']:.2f} "
+              f"| {r['training_cpu_s']:.2f} | {r['received_per_round'] / 1e6:.2f} MB "
               f"| {r['peak_memory_root_mib']:.0f} / {r['peak_memory_worker_mib']:.0f} | {r['checkpoint_bytes'] / 1e6:.2f} MB |")
     print(f"\ncheckpoint after 500 rounds (the records of {rows[0]['ranks']} ranks' run repeated): "
           f"{size_after(rows[0]['ckpt'], 500) / 1e6:.1f} MB")

@@ -105,3 +105,15 @@ python "$(dirname "$0")/checkpoint_size.py" | tee "$OUT/11-checkpoint-size.md"
 step "12. ResNet-18 on CIFAR-10"
 elfish-mpi bench --config launch/configs/bench-cifar10-resnet18.toml -n 4 --strategies fedavg,heterofl,fedrolex,elfish \
     --seeds 0,1,2 --clock virtual --set data.path="${CIFAR:-../shared/datasets/cifar10_jpeg.npz}" --out "$OUT/12-resnet18"
+
+# 13. Clients apart from ranks: FEMNIST, 300 writers = 300 clients, 30 a round, lognormal speeds, 3 seeds;
+#     the strategies with the shortest rounds continue to 80 rounds (the bench resumes them).
+step "13. FEMNIST, 300 clients, 30 a round"
+FEMC=(--config launch/configs/bench-femnist-clients.toml -n 4 --seeds 0,1,2 --clock virtual
+      --set data.path="${FEMNIST:-../shared/datasets/femnist.npz}" --out "$OUT/13-femnist-clients")
+elfish-mpi bench "${FEMC[@]}" --strategies fedavg,fedavg-drop,fedprox-partial,heterofl,fedrolex,elfish
+elfish-mpi bench "${FEMC[@]}" --strategies fedavg-drop,fedprox-partial,elfish --set run.rounds=80
+
+# 14. 1,000 clients, 100 a round, on 5 and 17 ranks.
+step "14. 1,000 clients on 5 and 17 ranks"
+python "$(dirname "$0")/clients_scale.py" --ranks 5,17 --rounds 5 --out "$OUT/14-clients-scale" | tee "$OUT/14-clients-scale.md"
