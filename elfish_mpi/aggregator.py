@@ -96,7 +96,7 @@ class Aggregator:
 
     def rank_capacities(self, capacity: list[float]) -> list[float]:
         """Each worker rank's capacity outside training, from the clients' (``capacity``)."""
-        return list(capacity) if self.clients.pinned else [1.0] * self.num_workers
+        return clientsmod.rank_capacities(capacity, self.num_workers)
 
     def make_planner(self, state: dict | None) -> None:
         if not self.strategy.needs_planner:
@@ -397,8 +397,12 @@ class Aggregator:
         widths = self.spec.full_widths()
         for name in self.spec.maskable:  # the share kept (keep counts round up), not the ratio asked for
             per_worker[f"keep_ratio_{name}"] = [len(m[name]) / widths[name] for m in masks]
+        earlier = {  # a checkpoint from before clients: one client a worker rank, all taking part
+            "client": lambda: [float(c) for c in range(len(sel))], "rank": lambda: [float(c + 1) for c in range(len(sel))],
+        }
         for k, v in per_worker.items():
-            self.workers.setdefault(k, [[float("nan")] * len(sel) for _ in range(done)]).append([float(x) for x in v])
+            fill = earlier.get(k, lambda: [float("nan")] * len(sel))
+            self.workers.setdefault(k, [fill() for _ in range(done)]).append([float(x) for x in v])
         self.masks[rnd] = masks
 
     def report(self, rnd, acc, round_time, keep, stats) -> None:
@@ -412,7 +416,7 @@ class Aggregator:
         print(f"round {rnd:4d}/{self.cfg.run.rounds}  acc {acc_s}  time {round_time:7.3f}s  {keeps}{extra}", flush=True)
 
     def checkpoint(self, rnd: int) -> "ckptmod.Checkpoint":
-        state = {"cursor": self.cursors.copy()}
+        state = {"cursor": self.cursors.copy(), "client_speed": np.asarray(self.start_capacity, dtype=np.float64)}
         if self.strategy.planner is not None:
             state.update(self.strategy.planner.state())
         return ckptmod.Checkpoint(

@@ -4,9 +4,9 @@
     run = analysis.open_run("runs/quickstart")       # a run directory or a checkpoint file
     run.metrics                  # one row per round (index: round): test_accuracy, round_time, ...
     run.workers                  # one row per round and client taking part: round, worker, client, rank, keep_ratio, ...
-    run.per_worker("busy_time")  # the same as a (rounds, workers) array
+    run.per_worker("busy_time")  # the same as a (rounds, clients a round) array
     run.coverage["conv1"]        # how often each neuron of a group was trained
-    run.masks(3)                 # per worker, the kept neurons of every group in round 3
+    run.masks(3)                 # per client of round 3 (column), the kept neurons of every group
     table = analysis.results_table([run, analysis.open_run("runs/fedavg")])   # one row per run
 
 Every checkpoint ``format_version`` the program can resume is read (checkpoint.read); any
@@ -116,7 +116,10 @@ def _long(workers: dict, rounds: np.ndarray) -> pd.DataFrame:
     frame = {"round": np.repeat(rounds[:n], w), "worker": np.tile(np.arange(w), n)}
     for name, default in (("client", np.tile(np.arange(w), n)), ("rank", np.tile(np.arange(1, w + 1), n))):
         given = arrays.pop(name, None)
-        frame[name] = given[:n].reshape(-1).astype(np.int64) if given is not None and given.shape == (n, w) else default
+        if given is not None and given.shape == (n, w):
+            flat = given[:n].reshape(-1)
+            default = np.where(np.isfinite(flat), flat, default).astype(np.int64)  # (rounds before clients: NaN)
+        frame[name] = default
     frame.update({k: v[:n].reshape(-1) for k, v in arrays.items() if v.shape == (n, w)})
     return pd.DataFrame(frame)
 

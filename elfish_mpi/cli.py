@@ -239,6 +239,11 @@ def prepare(args, num_workers: int) -> dict:
 
     num_clients = cfg.num_clients(num_workers)
     speeds = client_speeds(cfg, num_clients)
+    if not cfg.pinned(num_workers) and cfg.workers.throttle == "none" and min(speeds) < 1.0:
+        raise ConfigError(
+            "workers.throttle = 'none' does not slow a client down, and with more clients than worker ranks the "
+            "clients' speeds would be planned for but never felt: use sleep or virtual (or leave the speeds at 1)"
+        )
     if cfg.workers.trace:
         from .fleet import load_trace
 
@@ -278,7 +283,7 @@ def prepare(args, num_workers: int) -> dict:
         got = {k: tuple(v.shape) for k, v in ckpt.model.items()}
         if expect != got:
             raise UsageError(f"the checkpoint's model does not fit {cfg.model.name} on {cfg.data.name}")
-        check_resume_state(ckpt, spec, cfg, num_workers, path)
+        check_resume_state(ckpt, spec, cfg, num_workers, path, speeds)
     if cfg.data.partition == "natural":  # (the other partitions check their sizes as they split)
         datamod.ClientParts(cfg.data.name, data_path, num_clients, "natural", cfg.run.seed)
     return {
@@ -298,8 +303,10 @@ def prepare(args, num_workers: int) -> dict:
     }
 
 
-def check_resume_state(ckpt, spec, cfg: Config, num_workers: int, path) -> None:
+def check_resume_state(ckpt, spec, cfg: Config, num_workers: int, path, speeds=None) -> None:
     """What a resumed run reads besides the model must fit this job, or the run is refused."""
+    import numpy as np
+
     from .profiling import configurations
     from .strategies import make_strategy
 
@@ -308,6 +315,10 @@ def check_resume_state(ckpt, spec, cfg: Config, num_workers: int, path) -> None:
     cursor = ckpt.state.get("cursor")
     if cursor is None or cursor.shape != (num_clients,):
         problems.append(f"/state/cursor must hold one data position per client ({num_clients})")
+    stored = ckpt.state.get("client_speed")
+    if stored is not None and speeds is not None and not np.array_equal(np.asarray(stored, dtype=np.float64), speeds):
+        problems.append("the clients' speeds differ from those the run started with (/state/client_speed): "
+                        "was the clients.speed table edited?")
     for g in spec.groups:
         cov = ckpt.coverage.get(g.name)
         if cov is None or cov.shape != (g.size,):
@@ -442,12 +453,16 @@ def inspect(args) -> int:
             rounds = sorted(ck.masks)
             listed = f"rounds {rounds[0]} to {rounds[-1]}" if rounds else "no rounds"
             raise UsageError(f"{args.checkpoint} holds the masks of {listed}, not of round {args.masks}")
+        import numpy as np
+
         row = list(ck.metrics["round"]).index(args.masks) if args.masks in list(ck.metrics.get("round", [])) else None
+        client_of, rank_of = ck.workers.get("client"), ck.workers.get("rank")
+        pinned = client_of is None or all(np.all(np.isnan(c) | (c == np.arange(len(c)))) for c in client_of)
         for w, layers in enumerate(ck.masks[args.masks]):
-            client, rank = w, w + 1  # (older checkpoints: one worker a rank)
-            if row is not None and "client" in ck.workers:
-                client, rank = int(ck.workers["client"][row, w]), int(ck.workers["rank"][row, w])
-            who = f"worker {w} (rank {rank})" if (client, rank) == (w, w + 1) else f"client {client} (rank {rank})"
+            client, rank = w, w + 1  # one client a worker rank (and checkpoints from before clients)
+            if row is not None and client_of is not None and np.isfinite(client_of[row, w]):
+                client, rank = int(client_of[row, w]), int(rank_of[row, w])
+            who = f"worker {w} (rank {rank})" if pinned else f"client {client} (rank {rank})"
             for layer, kept in layers.items():
                 print(f"round {args.masks} {who} {layer}: {len(kept)} kept: {' '.join(map(str, kept))}")
         return 0

@@ -60,6 +60,13 @@ def build(cfg: Config, num_workers: int, speeds=None) -> Clients:
     )
 
 
+def rank_capacities(capacity, num_workers: int) -> list[float]:
+    """Each worker rank's capacity outside training (profiling, evaluation) from the clients'
+    ``capacity``: its own client's where each client is pinned to its rank, else full speed (a
+    rank hosts clients of every speed, and slows to each one's while it trains it)."""
+    return [float(c) for c in capacity] if len(capacity) == num_workers else [1.0] * num_workers
+
+
 def select(count: int, per_round: int, seed: int, round: int) -> np.ndarray:
     """Round ``round``'s clients, sorted: all of them, or ``per_round`` drawn uniformly without
     replacement from (seed, round) alone."""

@@ -188,6 +188,11 @@ class Comm:
             self.wait(req)
 
     @staticmethod
+    def sends_done(requests: list) -> bool:
+        """Whether every one of ``requests`` (sends) has completed (testing also progresses them)."""
+        return bool(MPI.Request.Testall(requests))
+
+    @staticmethod
     def _test(request, owner, what: str, status=None, waiter: str = "") -> bool:
         """Whether ``request`` completed; RankFailure naming ``owner`` when its rank failed
         (with ``waiter``: a rank's wait in a collective, where MPI does not say which rank)."""

@@ -73,7 +73,7 @@ def update_buffer(rec: np.ndarray) -> np.ndarray:
 
 
 def updates_from_buffer(buf: np.ndarray) -> np.ndarray:
-    """(workers, fields) float64 as received -> a (workers,) :data:`UPDATE` array."""
+    """(slots, fields) float64 as received -> a (slots,) :data:`UPDATE` array."""
     buf = np.ascontiguousarray(buf, dtype=np.float64)
     return buf.view(UPDATE).reshape(buf.shape[0])
 
@@ -146,7 +146,7 @@ def eval_buffer(chunks: int) -> np.ndarray:
 
 
 def mask_bits(spec: ModelSpec) -> int:
-    """Bits of one worker's row: one per maskable neuron."""
+    """Bits of one slot's row: one per maskable neuron."""
     widths = spec.full_widths()
     return sum(widths[name] for name in spec.maskable)
 

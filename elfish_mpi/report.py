@@ -121,12 +121,17 @@ def timeline_panels(runs: list[Run]) -> list[Run]:
     return chosen or list(first.values())[:2]
 
 
+def _slots_are_workers(r: Run) -> bool:
+    """Whether each /workers column is one worker rank's one client throughout (the default)."""
+    w = r.workers
+    return not len(w) or (np.array_equal(w["client"], w["worker"]) and np.array_equal(w["rank"], w["worker"] + 1))
+
+
 def _capacities(r: Run) -> list[float] | None:
     from .config import Config
 
-    w = r.workers
-    if len(w) and not (np.array_equal(w["client"], w["worker"]) and np.array_equal(w["rank"], w["worker"] + 1)):
-        return None  # the clients of a row change from round to round: no one capacity a row
+    if not _slots_are_workers(r):
+        return None  # the clients of a column change from round to round: no one capacity a column
     try:
         return Config.from_dict(r.config).capacities(r.num_workers)
     except Exception:  # a config from another version: leave the capacities out
@@ -183,7 +188,10 @@ def plot_timeline(panels: list[Run], rounds: int, path: str | Path, *, title: st
                 ax.text(starts[i] + rt[i] / 2, workers - 0.45, text, ha="center", va="bottom", fontsize=8)
         ax.axvline(end, color="black", linewidth=0.8, alpha=0.5)
         ax.set_yticks(range(workers))
-        labels = [f"worker {w + 1}" + (f" (capacity {caps[w]:g})" if caps else "") for w in range(workers)]
+        if not _slots_are_workers(r):  # a column is the round's w-th client (its bar starts at the round's start)
+            labels = [f"client slot {w + 1}" for w in range(workers)]
+        else:
+            labels = [f"worker {w + 1}" + (f" (capacity {caps[w]:g})" if caps else "") for w in range(workers)]
         ax.set_yticklabels(list(reversed(labels)))
         ax.set_ylim(-0.6, workers + 0.1)
         idle = analysis.idle_share(r.per_worker("idle_time")[:n], rt) if n else math.nan

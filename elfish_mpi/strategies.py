@@ -1,4 +1,5 @@
-"""Strategies: what each worker trains in a round, and how updates combine. No MPI here.
+"""Strategies: what each client trains in a round, and how updates combine. No MPI here.
+(Below, "worker" is a client: with the default one client a worker rank, the same thing.)
 
 A strategy's ``configure(round, clients)`` gives one :class:`Assignment` per client taking part: keep ratio per
 neuron group, local steps, a time limit and a proximal coefficient. It also names the

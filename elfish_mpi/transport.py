@@ -43,6 +43,8 @@ class Outbox:
     :meth:`close` at the end of the round: it waits for the sends, and under reduce adds this
     rank's part to the MPI sum (the sum of its clients' payloads; zeros when it had none)."""
 
+    LIMIT = 256 * 2**20  # bytes of payloads held unsent before a new one waits for the oldest
+
     def __init__(self, comm, transport: str, size: int, timeout: float):
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; choose one of: {', '.join(TRANSPORTS)}")
@@ -50,9 +52,17 @@ class Outbox:
         self.pending: list = []  # (requests, buffers): a buffer lives until its send completes
         self.dense: np.ndarray | None = None
 
+    def _held(self) -> int:
+        return sum(b.nbytes for _, buffers in self.pending for b in buffers)
+
     def send(self, record: np.ndarray, data: np.ndarray) -> None:
         stats = update_buffer(record)
         if self.transport == "gather":
+            # let the finished sends go (testing them also moves MPI along), and hold at most
+            # LIMIT bytes: past it, wait for the oldest (rank 0 takes them in client order)
+            self.pending = [p for p in self.pending if not self.comm.sends_done(p[0])]
+            while self.pending and self._held() + data.nbytes > self.LIMIT:
+                self.comm.wait_sends(self.pending.pop(0)[0])
             self.pending.append(self.comm.post_update(stats, data))
             return
         self.pending.append(self.comm.post_stats(stats))

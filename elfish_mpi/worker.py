@@ -13,6 +13,7 @@ from . import data as datamod
 from . import evaluation, profiling, signals, supervisor, transport
 from .comm import Comm
 from .config import Config
+from .clients import rank_capacities
 from .masking import keep_ratio, make_masks
 from .protocol import Plan, Task, eval_buffer, mask_buffer, new_update, peak_memory, unpack_masks
 from .models import ModelSpec
@@ -79,10 +80,10 @@ class Worker:
         self.index = comm.rank - 1
         num_workers = comm.size - 1
         self.speeds = list(setup["speeds"])  # each client's starting capacity (clients.py)
-        self.pinned = len(self.speeds) == num_workers
+        self.pinned = cfg.pinned(num_workers)
         # pinned: the rank is its client's device (profiled and evaluating at its capacity);
         # otherwise a host of clients at full speed, slowed to each client's while it trains it
-        rank_caps = self.speeds if self.pinned else [1.0] * num_workers
+        rank_caps = rank_capacities(self.speeds, num_workers)
         self.throttle = Throttle(rank_caps[self.index], cfg.workers.throttle)
         d = cfg.data
         self.parts = datamod.ClientParts(
@@ -225,7 +226,7 @@ class Worker:
                 if chunks[1] > chunks[0]:
                     self.comm.send_eval(self.evaluate_share(chunks))
                 if not plan.train:
-                    continue
+                    continue  # (the evaluation-only broadcast counts towards the next round's bytes)
                 slots = plan.slots_of(rank)
                 self.parts.load(plan.clients[i] for i in slots)  # clients new to this rank: one read
                 outbox = transport.Outbox(self.comm, self.cfg.strategy.transport, self.flat.size, self.cfg.run.round_timeout)
@@ -238,6 +239,7 @@ class Worker:
                     received = self.comm.received
                     outbox.send(record, data)
                 outbox.close()
+                received = self.comm.received  # (a rank without a client this round starts afresh)
                 done = {0: "with no client in round", 1: "after its update of round"}.get(len(slots), "after its updates of round")
                 supervisor.note(f"{done} {plan.round}, before round {plan.round + 1}'s plan arrived")
         finally:

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FMNIST = ROOT / "tests" / "data" / "fashion-mnist"
 FEMNIST = ROOT / "tests" / "data" / "femnist_sample.npz"
 TESTBED = ROOT / "launch" / "devices" / "elfish-testbed.csv"
+CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10_jpeg.npz"
 
 
 def cfg_of(**sections) -> Config:
@@ -68,6 +69,12 @@ def test_placement_balances_the_predicted_time():
     assert loads.max() - loads.min() <= costs.max()
     assert loads.max() <= costs.sum() / 4 + costs.max()
     assert np.array_equal(ranks, clients.place(sel, costs, num_workers=4, pinned=False))
+
+
+def test_placement_is_longest_first_onto_the_least_loaded_rank():
+    # 5 onto rank 1; 4 onto rank 2; 3 onto rank 2 (4 < 5); 3 onto rank 1 (5 < 7); 3 onto rank 2 (7 < 8)
+    ranks = clients.place(np.array([10, 11, 12, 13, 14]), [5.0, 4.0, 3.0, 3.0, 3.0], num_workers=2, pinned=False)
+    assert ranks.tolist() == [1, 2, 2, 1, 2]  # (round robin would give 1, 2, 1, 2, 1)
 
 
 def test_placement_puts_the_slowest_client_alone_when_it_outweighs_the_rest():
@@ -178,11 +185,27 @@ def test_a_client_part_is_its_share_of_the_partition_read_when_asked():
     assert sum(parts.size(c) for c in range(30)) == len(src.labels)
 
 
-def test_natural_partition_gives_each_client_one_writer(tmp_path):
+def test_natural_partition_gives_each_client_one_writer():
     src = data.load_split("femnist", str(FEMNIST), "train")
     writers = len(np.unique(src.groups))
     parts = data.ClientParts("femnist", str(FEMNIST), writers, "natural", 0)
-    for c in range(writers):
-        assert len(np.unique(parts.client(c).groups)) == 1
+    held = [np.unique(parts.client(c).groups) for c in range(writers)]
+    assert all(len(h) == 1 for h in held)
+    assert sorted(int(h[0]) for h in held) == sorted(np.unique(src.groups).tolist())  # each writer once
     with pytest.raises(data.DataError, match=f"only {writers} writers for {writers + 1} clients"):
         data.ClientParts("femnist", str(FEMNIST), writers + 1, "natural", 0)
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason=f"needs the CIFAR-10 npz at {CIFAR}")
+def test_a_class_ordered_set_gives_each_client_its_capped_shuffled_rows():
+    # Prepare: the CIFAR-10 npz stores its training set in class order; 4 clients, 10 images each
+    parts = data.ClientParts("cifar10", str(CIFAR), 4, "iid", 0, max_samples=10)
+    src = data.load_split("cifar10", str(CIFAR), "train")
+    # Execute: two clients read together (one pass over the union of their rows)
+    parts.load([0, 3])
+    # Assert: each client's images are exactly its rows, in their shuffled order
+    for c in (0, 3):
+        rows = parts.rows[c]
+        assert len(rows) == 10 and not np.all(np.diff(rows) > 0)
+        np.testing.assert_array_equal(parts.client(c).images, src.images[rows])
+        np.testing.assert_array_equal(parts.client(c).labels, src.labels[rows])

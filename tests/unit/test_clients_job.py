@@ -96,7 +96,7 @@ def test_sampled_clients_are_placed_anywhere_with_the_same_result_and_resume_exa
 @pytest.mark.parametrize("sets, message", [
     (["clients.count=6", "clients.per_round=7"], "clients.per_round = 7 is more than clients.count = 6"),
     (["clients.per_round=3"], "clients.per_round = 3 is more than the 2 client(s) of this job"),
-    ([f"data.name=femnist", f"data.path={FEMNIST}", "data.partition=natural", "clients.count=5000"],
+    (["data.name=femnist", f"data.path={FEMNIST}", "data.partition=natural", "clients.count=5000"],
      "natural partition: only"),
     (["clients.count=6", "clients.speed=BAD_TABLE"], "line 3: speed 'x' is not a number"),
 ])
@@ -109,3 +109,50 @@ def test_bad_client_settings_end_the_job_in_one_line(tmp_path, sets, message):
     assert len(errors) == 1 and message in errors[0], res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "out" / "checkpoint.h5").exists()
+
+
+@pytest.mark.timeout(3 * TIMEOUT + 60)
+def test_ranks_without_a_client_in_a_round_take_part_in_the_reduce(tmp_path):
+    # Prepare: fedavg over the reduce transport, 2 clients a round: pinned to 3 ranks (one idle
+    # each round), and 6 clients on 3 ranks (one idle each round) against all 6 on one rank
+    common = ["strategy.name=fedavg", "strategy.transport=reduce", "run.rounds=3", "workers.capacity=[]"]
+    pinned = launch(4, tmp_path / "pinned", *common, "clients.per_round=2")
+    spread = launch(4, tmp_path / "spread", *common, "clients.count=6", "clients.per_round=2")
+    alone = launch(2, tmp_path / "alone", *common, "clients.count=6", "clients.per_round=2")
+    # Assert: every job completes; the same clients train on 3 ranks as on 1, to the same model
+    # (up to the order of the floating-point sums, which the reduction over ranks sets)
+    for res in (pinned, spread, alone):
+        assert res.returncode == 0, res.stderr
+    p, s, a = (read(tmp_path / d / "checkpoint.h5") for d in ("pinned", "spread", "alone"))
+    assert p["client"].shape == (3, 2) and np.array_equal(p["rank"], p["client"] + 1)
+    assert np.array_equal(s["client"], a["client"]) and set(np.unique(s["rank"])) <= {1, 2, 3} and np.all(a["rank"] == 1)
+    for k in s["model"]:
+        np.testing.assert_allclose(s["model"][k], a["model"][k], rtol=1e-5, atol=1e-7)
+    with h5py.File(tmp_path / "spread" / "checkpoint.h5", "r") as f:
+        assert np.all(f["metrics/updates_accepted"][()] == 2)
+
+
+@pytest.mark.timeout(3 * TIMEOUT + 60)
+def test_a_checkpoint_from_before_clients_resumes_and_reads(tmp_path):
+    # Prepare: a 2-round run whose checkpoint loses what clients added (/workers/client, rank,
+    # /state/client_speed), as a checkpoint written before clients existed lacks them
+    first = launch(3, tmp_path / "run", "strategy.name=fedavg", "run.rounds=2", "workers.capacity=[]")
+    assert first.returncode == 0, first.stderr
+    with h5py.File(tmp_path / "run" / "checkpoint.h5", "r+") as f:
+        for name in ("workers/client", "workers/rank", "state/client_speed"):
+            del f[name]
+    # Execute: resume it to round 3; read it back
+    res = subprocess.run(
+        [mpiexec(), "-n", "3", sys.executable, "-m", "elfish_mpi", "train", "--resume", str(tmp_path / "run"),
+         "--set", "run.rounds=3"], capture_output=True, text=True, timeout=TIMEOUT, env=clean_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    from elfish_mpi import analysis
+
+    run = analysis.open_run(tmp_path / "run")
+    shown = subprocess.run([sys.executable, "-m", "elfish_mpi", "inspect", str(tmp_path / "run" / "checkpoint.h5"),
+                            "--masks", "1"], capture_output=True, text=True, timeout=60, env=clean_env(), cwd=ROOT)
+    # Assert: the earlier rounds count as one client a worker rank, in the records and for inspect
+    c = read(tmp_path / "run" / "checkpoint.h5")
+    assert np.array_equal(c["client"], [[0, 1]] * 3) and np.array_equal(c["rank"], [[1, 2]] * 3)
+    assert run.workers["client"].tolist() == [0, 1] * 3 and run.workers["rank"].tolist() == [1, 2] * 3
+    assert shown.returncode == 0 and "round 1 worker 1 (rank 2) conv1" in shown.stdout, shown.stderr

@@ -313,3 +313,48 @@ def test_explicit_deadline():
         assert tight.predict(w, plan) <= 0.5 + 1e-12
     assert loose.deadline_step() == pytest.approx(10.0)
     assert loose_plans == [FULL, FULL]
+
+
+def greedy_on_predicted_time(planner: Planner, worker: int, target: float) -> dict[str, float]:
+    """The planner's greedy as it was written before its order of cuts was computed once: each
+    move compares the predicted seconds it saves per neuron removed."""
+    import math
+
+    widths = {g.name: g.units for g in planner.spec.groups}
+    ratios = lambda kept: {n: kept[n] / widths[n] for n in widths}  # noqa: E731
+    kept = dict(widths)
+    floor = {n: keep_count(w, planner.min_keep) for n, w in widths.items()}
+    current = planner.predict(worker, ratios(kept))
+    while current > target:
+        best, best_gain, best_time = None, 0.0, current
+        for n, w in widths.items():
+            k = max(floor[n], kept[n] - max(1, math.ceil(planner.step * w - 1e-9)))
+            if k >= kept[n]:
+                continue
+            trial = dict(kept, **{n: k})
+            t = planner.predict(worker, ratios(trial))
+            if t >= current:
+                continue
+            gain = (current - t) / (kept[n] - k)
+            if best is None or gain > best_gain:
+                best, best_gain, best_time = trial, gain, t
+        if best is None:
+            break
+        kept, current = best, best_time
+    return ratios(kept)
+
+
+@pytest.mark.parametrize("spec", [LENET, alexnet(10, (3, 32, 32))], ids=["lenet", "alexnet"])
+def test_the_order_of_cuts_computed_once_plans_what_the_greedy_on_predicted_time_plans(spec):
+    # Prepare: 300 clients of random affine costs and scales, targets from loose to unreachable
+    rng = np.random.default_rng(5)
+    planner = Planner(spec, rng.uniform(0.001, 0.01, 300), rng.uniform(0.005, 0.05, 300), min_keep=0.25, local_steps=10)
+    planner.scale = rng.uniform(0.5, 2.0, 300)
+    # Execute / Assert: the same plan for every client and target (and many different plans)
+    seen = set()
+    for target in (0.005, 0.01, 0.02, 0.04):
+        for w in range(300):
+            plan = planner.plan_worker(w, target)
+            assert plan == greedy_on_predicted_time(planner, w, target), (w, target)
+            seen.add(tuple(sorted(plan.items())))
+    assert len(seen) > 10
