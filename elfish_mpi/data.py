@@ -704,7 +704,7 @@ def partition(
     num_workers = int(num_workers)
     if n < num_workers:
         raise DataError(
-            f"cannot give each of {num_workers} workers a sample: only {n} training samples"
+            f"cannot give each of {num_workers} clients a sample: only {n} training samples"
         )
     rng = np.random.default_rng(seed)
 
@@ -736,7 +736,7 @@ def partition(
         if n < total:
             raise DataError(
                 f"shards partition needs at least {total} samples "
-                f"({num_workers} workers x {s} shards), got {n}"
+                f"({num_workers} clients x {s} shards), got {n}"
             )
         order = rng.permutation(n)
         order = order[np.argsort(labels[order], kind="stable")]
@@ -753,7 +753,8 @@ def partition(
         writers = np.unique(groups)
         if writers.shape[0] < num_workers:
             raise DataError(
-                f"natural partition: only {writers.shape[0]} writers for {num_workers} workers"
+                f"natural partition: only {writers.shape[0]} writers for {num_workers} clients "
+                f"(one writer a client at most; lower clients.count)"
             )
         shuffled = rng.permutation(writers)
         worker_of_writer = np.empty(writers.shape[0], dtype=np.int64)
@@ -765,7 +766,7 @@ def partition(
 
     out = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     if any(p.size == 0 for p in out):  # cannot happen given the checks above
-        raise DataError(f"{scheme} partition left a worker without samples")
+        raise DataError(f"{scheme} partition left a client without samples")
     return out
 
 
@@ -781,13 +782,6 @@ class ClientParts:
     def __init__(self, name: str, path: str, count: int, scheme: str, seed: int, alpha: float = 0.5,
                  max_samples: int = 0, shards_per_worker: int = 2):
         self.src = _open_source(name, path, "train")
-        if scheme == "natural" and self.src.groups is not None:
-            writers = int(np.unique(self.src.groups).shape[0])
-            if writers < count:
-                raise DataError(
-                    f"natural partition: only {writers} writers for {count} clients "
-                    f"(one writer a client at most; lower clients.count)"
-                )
         parts = partition(self.src.labels, count, scheme, seed, alpha=alpha, groups=self.src.groups,
                           shards_per_worker=shards_per_worker)
         self.rows = []

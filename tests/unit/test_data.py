@@ -529,7 +529,7 @@ def test_partition_errors(fm_train, femnist_train):
         data.partition(fm_train.labels, 4, "natural", seed=0)
     with pytest.raises(DataError, match=r"iid.*dirichlet.*shards.*natural"):
         data.partition(fm_train.labels, 4, "random", seed=0)
-    with pytest.raises(DataError, match="12 writers for 13 workers"):
+    with pytest.raises(DataError, match="12 writers for 13 clients"):
         data.partition(femnist_train.labels, 13, "natural", seed=0, groups=femnist_train.groups)
     with pytest.raises(DataError, match="only 5 training samples"):
         data.partition(fm_train.labels[:5], 6, "iid", seed=0)
