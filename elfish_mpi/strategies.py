@@ -1,7 +1,7 @@
 """Strategies: what each client trains in a round, and how updates combine. No MPI here.
 (Below, "worker" is a client: with the default one client a worker rank, the same thing.)
 
-A strategy's ``configure(round, clients)`` gives one :class:`Assignment` per client taking part: keep ratio per
+A strategy's ``configure(round, clients)`` (its rule: ``assign``) gives one :class:`Assignment` per client taking part: keep ratio per
 neuron group, local steps, a time limit and a proximal coefficient. It also names the
 mask policy (which neurons the ratios keep), the weighting of the updates and the balancing
 exponent. It owns its aggregation rule: ``begin`` opens a round's sums, ``aggregate`` folds
@@ -120,7 +120,10 @@ class Strategy:
 
     def configure(self, round: int, clients=None) -> list[Assignment]:
         """What each of ``clients`` (this round's, in client order; default: all) trains."""
-        clients = range(self.num_clients) if clients is None else clients
+        return self.assign(round, range(self.num_clients) if clients is None else clients)
+
+    def assign(self, round: int, clients) -> list[Assignment]:
+        """Each strategy's rule for :meth:`configure` (``clients`` given)."""
         steps = self.cfg.train.local_steps
         return [Assignment(self.full(), steps) for _ in clients]
 
@@ -153,8 +156,7 @@ class FedAvgDrop(Strategy):
     def needs_planner(self) -> bool:  # only to derive the default deadline
         return not self.cfg.strategy.deadline
 
-    def configure(self, round: int, clients=None) -> list[Assignment]:
-        clients = range(self.num_clients) if clients is None else clients
+    def assign(self, round: int, clients) -> list[Assignment]:
         steps = self.cfg.train.local_steps
         limit = self.round_deadline()
         return [Assignment(self.full(), steps, time_limit=limit) for _ in clients]
@@ -164,8 +166,7 @@ class FedProxPartial(Strategy):
     name = "fedprox-partial"
     uses_planner = True
 
-    def configure(self, round: int, clients=None) -> list[Assignment]:
-        clients = range(self.num_clients) if clients is None else clients
+    def assign(self, round: int, clients) -> list[Assignment]:
         steps = self.cfg.train.local_steps
         mu = self.cfg.strategy.mu
         planner = self.require_planner()
@@ -186,8 +187,7 @@ class HeteroFL(Strategy):
     def needs_planner(self) -> bool:  # fixed widths plan nothing
         return not self.cfg.strategy.keep_ratios
 
-    def configure(self, round: int, clients=None) -> list[Assignment]:
-        clients = range(self.num_clients) if clients is None else clients
+    def assign(self, round: int, clients) -> list[Assignment]:
         if self.widths is None:  # fixed once for every client, from the profiles
             fixed = self.cfg.strategy.keep_ratios
             self.widths = list(fixed) if fixed else self.require_planner().plan_uniform()
@@ -223,8 +223,7 @@ class Elfish(Strategy):
     def needs_planner(self) -> bool:
         return not self.cfg.strategy.keep_ratios
 
-    def configure(self, round: int, clients=None) -> list[Assignment]:
-        clients = range(self.num_clients) if clients is None else clients
+    def assign(self, round: int, clients) -> list[Assignment]:
         steps = self.cfg.train.local_steps
         fixed = self.cfg.strategy.keep_ratios
         if fixed:
