@@ -21,17 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from elfish_mpi import checkpoint as ck
+from elfish_mpi.bench import resolve_launcher
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def mpiexec() -> str:
-    local = Path(sys.executable).with_name("mpiexec")
-    return str(local) if local.exists() else "mpiexec"
-
-
 def run(n: int, rounds: int, data: str, out: Path) -> dict:
-    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "elfish_mpi", "train", "--out", str(out)]
+    cmd = [*resolve_launcher("mpiexec"), "-n", str(n), sys.executable, "-m", "elfish_mpi", "train", "--out", str(out)]
     for s in (f"data.path={data}", "data.test_samples=2000", "model.name=lenet", f"run.rounds={rounds}",
               "train.local_steps=10", "train.batch_size=20", "workers.throttle=virtual", "clients.count=1000",
               "clients.per_round=100", "clients.speed=lognormal", "strategy.name=elfish", "strategy.profile=quick",
