@@ -27,6 +27,7 @@ from .strategies import make_strategy
 from .transport import receive
 from .submodel import flat_from_state_dict, flat_params, full_model, load_flat, param_index, state_dict_from_flat
 from .protocol import Plan, eval_buffer, pack_masks, peak_memory
+from .worker import match_quotas
 
 STOP_BCAST = "the broadcast that ends the run (a worker rank stopped answering)"
 MASKS_BCAST = "the broadcast of the round's masks (a worker rank stopped answering)"
@@ -49,6 +50,7 @@ class Aggregator:
         self.trace = load_trace(cfg.workers.trace, self.clients.count) if cfg.workers.trace else None
         # each worker rank's capacity outside training: its client's when pinned, else full speed
         self.rank_capacity = self.rank_capacities(self.start_capacity)
+        self.quota_correction: np.ndarray | None = None  # each worker rank's cgroup quota scale (match_quotas)
         # every client takes part, each on its own rank: /workers/<name>[:, w] is worker rank w + 1's
         self.slots_are_ranks = self.clients.pinned and self.clients.per_round == self.clients.count
         self.model = full_model(spec)  # (the evaluation's module: the flat model is loaded into it)
@@ -121,6 +123,15 @@ class Aggregator:
         cfg, spec = self.cfg, self.spec
         resume = self.setup.get("resume_ckpt")
         self.comm.barrier()  # every rank is up: round 1's clock starts after everyone's start-up
+        if cfg.workers.matches_quotas:
+            supervisor.note("while the workers matched their cgroup quotas")
+            t_match = time.perf_counter()
+            self.quota_correction = match_quotas(self.comm, None, None, self.rank_capacity, cfg.workers.match_seconds)
+            print(
+                "elfish-mpi: cgroup quotas scaled by each worker's CPU per step over the full-speed workers' "
+                f"(workers.match_seconds, {time.perf_counter() - t_match:.1f} s): "
+                + " ".join(f"{c:.3f}" for c in self.quota_correction), flush=True,
+            )
         if self.setup["profile"]:
             supervisor.note("while the workers profiled")
             t_prof = time.perf_counter()
@@ -417,6 +428,8 @@ class Aggregator:
 
     def checkpoint(self, rnd: int) -> "ckptmod.Checkpoint":
         state = {"cursor": self.cursors.copy(), "client_speed": np.asarray(self.start_capacity, dtype=np.float64)}
+        if self.quota_correction is not None:  # (this start's; a resumed run measures its own)
+            state["quota_correction"] = self.quota_correction.copy()
         if self.strategy.planner is not None:
             state.update(self.strategy.planner.state())
         return ckptmod.Checkpoint(

@@ -5,7 +5,9 @@ Run under MPI, one rank per worker plus rank 0::
     mpiexec -n 5 elfish-mpi calibrate --throttle cgroup --capacity 1,1,0.5,0.25
 
 Every worker attaches its throttle, takes a few untimed steps, then all start together
-(barrier) and train the full model for ``--steps`` steps on their share of the data.
+(barrier); under the cgroup throttle the workers first match their quotas as a training job
+does (``--match-seconds``, :func:`worker.match_quotas`); then they train the full model for
+``--steps`` steps on their share of the data.
 Rank 0 prints, per worker, its busy time (wall seconds, or the virtual clock for the
 virtual throttle), its achieved speed relative to a capacity-1 worker, the error against
 the asked capacity and a verdict (OK within 20 %, else OFF).
@@ -42,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fleet", choices=sorted(FLEETS), help="a named fleet, repeated over the workers")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per worker (default: 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timing (default: 3)")
+    p.add_argument(
+        "--match-seconds", type=float, default=2.0, metavar="S",
+        help="cgroup: before the timing, scale each quota by the CPU per step a worker needed over the "
+             "full-speed workers', measured over S seconds, as a training job does with workers.match_seconds "
+             "(default: 2; 0: quotas as computed)",
+    )
     p.add_argument("--model", default="lenet", help="model (default: lenet)")
     p.add_argument("--dataset", default="fashion-mnist", help="data set (default: fashion-mnist)")
     p.add_argument("--data", default="", metavar="PATH", help="data set path (default: the standard places)")
@@ -80,8 +88,8 @@ def _prepare(args, num_workers: int) -> dict:
 
     if num_workers < 1:
         raise UsageError("calibrate needs at least 2 MPI ranks: rank 0 reports, ranks 1.. are workers")
-    if args.steps < 1 or args.batch_size < 1 or args.threads < 1 or args.warmup < 0:
-        raise UsageError("--steps, --batch-size and --threads must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.batch_size < 1 or args.threads < 1 or args.warmup < 0 or not 0 <= args.match_seconds <= 600:
+        raise UsageError("--steps, --batch-size and --threads must be >= 1, --warmup >= 0, --match-seconds in [0, 600]")
     caps = parse_capacities(args, num_workers)
     path = str(datamod.resolve_path(args.dataset, args.data))
     test = datamod.load_test_data(args.dataset, path, max_samples=1)
@@ -208,13 +216,18 @@ def run(comm, args) -> int:
             return 2
 
         # -- the timed steps -----------------------------------------------------------
-        from .worker import train_step
+        from .worker import match_quotas, train_step
 
         row = np.zeros(3)
         if comm.rank > 0:
             for _ in range(args.warmup):
                 throttle.run(train_step, work.model, work.opt, *work.batch())
         comm.barrier()  # every worker starts at once, under the same load
+        if args.throttle == "cgroup" and args.match_seconds > 0:  # as a training job does (workers.match_seconds)
+            step = (lambda: train_step(work.model, work.opt, *work.batch())) if comm.rank > 0 else None
+            match_quotas(comm, throttle, step, setup["capacities"], args.match_seconds)
+            details = (comm.gather_obj(throttle.detail if throttle is not None else "") or [None])[1:]
+            comm.barrier()
         if comm.rank > 0:
             virtual = 0.0
             t0, c0 = time.perf_counter(), time.process_time()

@@ -22,7 +22,7 @@ from .config import Config, ConfigError, load_config, parse_override
 # Changes between a checkpoint's config and the resuming one that are safe.
 SAFE_RESUME_KEYS = {
     "run.rounds", "run.out", "run.round_timeout", "run.stop_grace", "run.eval_every", "run.threads", "run.overlap_eval",
-    "run.eval_on",
+    "run.eval_on", "workers.match_seconds",
     "checkpoint.every", "checkpoint.keep", "data.path",
 }
 

@@ -209,8 +209,22 @@ class WorkersConfig:
         "none (real heterogeneity of the machines).",
         "sleep",
     )
+    match_seconds: float = _doc(
+        "cgroup throttle: at start-up every worker trains the full model for this many seconds (or three of "
+        "the slowest worker's steps if longer), all at once, and each quota is scaled by the CPU a step took "
+        "that worker over what it took the full-speed workers (a slowed worker can need more CPU for the same "
+        "step, and cores can differ in speed). 0: quotas as computed, not matched.",
+        2.0,
+    )
+
+    @property
+    def matches_quotas(self) -> bool:
+        """Whether the job measures and scales the workers' cgroup quotas at start-up."""
+        return self.throttle == "cgroup" and self.match_seconds > 0
 
     def __post_init__(self) -> None:
+        _number("workers.match_seconds", self.match_seconds, 0.0, 600.0)
+        self.match_seconds = float(self.match_seconds)
         if not isinstance(self.capacity, list):
             raise ConfigError(f"workers.capacity = {self.capacity!r} must be a list of numbers in (0, 1]")
         for i, c in enumerate(self.capacity):

@@ -13,7 +13,10 @@
   worker is capped, capacity-1 ones included, so that on a node with more workers than
   cores the full-speed workers cannot take the slack and the speed ratios hold. Every
   worker runs in bursts of the same length; a slower one waits longer between them
-  (:func:`cgroup_quota`).
+  (:func:`cgroup_quota`). A slowed worker can still need more CPU for the same step than a
+  full-speed one (6-13% at 0.25 with 4 workers on 2 cores), and cores can differ in speed,
+  so the job scales each quota by the CPU per step it measured on every worker at once
+  (:meth:`Throttle.correct`, :func:`quota_corrections`, ``worker.match_quotas``).
 - ``affinity``: each worker pinned to a set of cores (``sched_setaffinity``) sized from
   all workers' capacities; only whole cores (or an equal share of one core) can be given,
   so capacities it cannot express within 20 % are refused.
@@ -39,6 +42,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
+
+import numpy as np
 
 MODES = ("sleep", "virtual", "none", "cgroup", "affinity")
 TOLERANCE = 0.2  # relative speed error the affinity throttle accepts
@@ -148,6 +153,29 @@ def fair_share(cores: int, workers_on_node: int, threads: int | None = None) -> 
 
 
 PERIOD_MIN_US, PERIOD_MAX_US, QUOTA_MIN_US = 1000, 1_000_000, 1000  # the kernel's limits
+
+
+CORRECTION_RANGE = (0.5, 2.0)  # the most a measured quota correction may scale a quota
+
+
+def quota_corrections(cpu_per_step: Sequence[float], capacities: Sequence[float]) -> list[float]:
+    """Each worker's quota correction: its CPU seconds per step over the full-speed workers'
+    median (the workers at the highest capacity), all having run the same step at the same
+    time under their quotas. A worker that needs 13% more CPU for a step than a full-speed
+    one gets 13% more quota, so that its wall time per step is the full-speed one's over its
+    capacity. Clipped to :data:`CORRECTION_RANGE`; a worker with no measurement (<= 0) or no
+    valid reference gets 1."""
+    cpu = np.asarray(cpu_per_step, dtype=np.float64)
+    caps = np.asarray(capacities, dtype=np.float64)
+    if cpu.shape != caps.shape:
+        raise ValueError(f"{cpu.size} CPU times for {caps.size} capacities")
+    top = caps == caps.max()
+    valid = top & (cpu > 0) & np.isfinite(cpu)
+    if not valid.any():
+        return [1.0] * cpu.size
+    ref = float(np.median(cpu[valid]))
+    lo, hi = CORRECTION_RANGE
+    return [float(np.clip(c / ref, lo, hi)) if c > 0 and np.isfinite(c) else 1.0 for c in cpu]
 
 
 def cgroup_quota(capacity: float, share: float, period_us: int = 10_000) -> tuple[int, int]:
@@ -307,6 +335,7 @@ class Throttle:
         self.quota: tuple[int, int] | None = None  # cgroup mode: (quota, period) us
         self.detail = ""  # one line saying what attach did
         self.share: float | None = None  # attached: cores a full-speed worker gets (fair share)
+        self.correction = 1.0  # cgroup mode: the quota's measured scale (correct())
 
     def __setattr__(self, name, value):
         if name == "capacity" and getattr(self, "_attached", False):
@@ -423,9 +452,20 @@ class Throttle:
         elif self.mode == "affinity":
             self._affinity_apply()
 
+    def correct(self, factor: float) -> None:
+        """Scale the cgroup quota by ``factor`` (from :func:`quota_corrections`): the CPU a step
+        takes this worker over what it takes a full-speed one. It holds for the rest of the job,
+        through capacity changes. Other modes keep the factor and ignore it."""
+        f = float(factor)
+        if not (math.isfinite(f) and f > 0):
+            raise ValueError(f"quota correction {factor!r} must be a positive number")
+        self.correction = f
+        if self._attached and self.mode == "cgroup":
+            self._cgroup_set_quota(self.cgroup, self._cgroup_version)
+
     # -- cgroup -------------------------------------------------------------------
     def _cgroup_set_quota(self, group: Path, version: int) -> None:
-        quota, period = cgroup_quota(self.capacity, self.share, self.cgroup_period_us)
+        quota, period = cgroup_quota(self.capacity * self.correction, self.share, self.cgroup_period_us)
         if version == 2:
             _write(group / "cpu.max", f"{quota} {period}")
         else:
@@ -437,7 +477,8 @@ class Throttle:
         self.quota = (quota, period)
         self.detail = (
             f"cgroup v{version} {group}: quota {quota}/{period} us = {quota / period:.3f} core(s) "
-            f"(capacity {self.capacity:g} x fair share {self.share:.3f})"
+            f"(capacity {self.capacity:g} x fair share {self.share:.3f}"
+            + (f" x correction {self.correction:.3f})" if self.correction != 1.0 else ")")
         )
 
     def _cgroup_attach(self) -> None:

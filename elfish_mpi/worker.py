@@ -19,7 +19,7 @@ from .protocol import Plan, Task, eval_buffer, mask_buffer, new_update, peak_mem
 from .models import ModelSpec
 from .aggregation import worker_weight
 from .submodel import build_submodel, flat_params, full_model, load_flat, num_params
-from .throttle import Throttle
+from .throttle import Throttle, quota_corrections
 
 _DATA_STREAM = 0x64617461
 
@@ -71,6 +71,40 @@ def train_step(model, opt, x, y, anchor=None, mu: float = 0.0) -> float:
     return float(loss.detach())
 
 
+def match_quotas(comm: Comm, throttle: Throttle | None, step, capacities, seconds: float) -> np.ndarray | None:
+    """Measure, on every worker at once, the CPU a full-model step takes under its quota, and
+    scale each worker's quota by its CPU per step over the full-speed workers'
+    (:func:`throttle.quota_corrections`). Every rank calls it (rank 0 with ``throttle`` None
+    and ``step`` None); ``capacities`` are the workers'. One untimed and one timed step set
+    the window: ``seconds``, or three of the slowest worker's steps if longer; every worker
+    steps until the window has passed, so all measure under the same load. Returns the
+    corrections on rank 0, this worker's (1 element) elsewhere."""
+    t = 0.0
+    if throttle is not None:
+        step()
+        w0 = time.perf_counter()
+        step()
+        t = time.perf_counter() - w0
+    rows = comm.gather_rows(np.array([t]))
+    window = comm.bcast_obj(max(float(seconds), 3.0 * float(rows[1:, 0].max())) if comm.rank == 0 else None)
+    cpu = 0.0
+    if throttle is not None:
+        n, w0, c0 = 0, time.perf_counter(), time.process_time()
+        while n == 0 or time.perf_counter() - w0 < window:
+            step()
+            n += 1
+        cpu = (time.process_time() - c0) / n
+    rows = comm.gather_rows(np.array([cpu]))
+    corr = np.empty(comm.size - 1)
+    if comm.rank == 0:
+        corr[:] = quota_corrections(rows[1:, 0], capacities)
+    comm.bcast_array(corr, what="the broadcast of the quota corrections (a worker rank stopped answering)")
+    if throttle is not None:
+        throttle.correct(corr[comm.rank - 1])
+        return corr[comm.rank - 1:comm.rank]
+    return corr
+
+
 class Worker:
     """A worker rank: trains the clients rank 0 places on it (always the same one when each
     client is pinned to its rank), one after another, each from the round's global model."""
@@ -114,6 +148,20 @@ class Worker:
     def batch(images: np.ndarray, idx: np.ndarray) -> torch.Tensor:
         """The float32 images of ``idx`` (the same values as normalizing the whole set first)."""
         return torch.from_numpy(datamod.normalize(images[idx]))
+
+    def full_step(self):
+        """A training step of the full model on this rank's client's data, for match_quotas."""
+        torch.manual_seed(self.cfg.run.seed)
+        model = self.spec.init_module()
+        opt = torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr)
+        part = self.parts.client(self.index)
+        y = torch.from_numpy(part.labels.astype(np.int64))
+        probe = Sampler(len(y), self.cfg.train.batch_size, self.cfg.run.seed + 2, self.index)
+
+        def step():
+            idx = probe.next()
+            train_step(model, opt, self.batch(part.images, idx), y[idx])
+        return step
 
     # -- profiling -------------------------------------------------------------
     def profile(self) -> np.ndarray:
@@ -207,6 +255,10 @@ class Worker:
         rank = self.comm.rank
         try:
             self.comm.barrier()  # every worker starts (timing) at once, under the same load
+            if self.cfg.workers.matches_quotas:
+                supervisor.note("while matching the cgroup quotas")
+                match_quotas(self.comm, self.throttle, self.full_step(), self.throttle.capacities,
+                             self.cfg.workers.match_seconds)
             if do_profile:
                 supervisor.note("while profiling")
                 self.comm.gather_rows(self.profile())

@@ -16,6 +16,7 @@ from mpi4py import MPI
 from elfish_mpi.calibrate import main as calibrate
 from elfish_mpi.comm import Comm
 from elfish_mpi.throttle import Throttle, ThrottleError, affinity_plan
+from elfish_mpi.worker import match_quotas
 
 pytestmark = [pytest.mark.mpi(min_size=3), pytest.mark.timeout(120)]
 
@@ -97,6 +98,42 @@ def test_half_capacity_worker_is_busy_twice_as_long(comm, mode):
     # over more steps (docs/benchmarks.md).
     ratio = busy[1] / busy[0]
     assert 1.5 <= ratio <= 3.0, f"{mode}: busy {busy[0]:.3f} s at capacity 1, {busy[1]:.3f} s at 0.5: ratio {ratio:.2f}"
+
+
+def test_match_quotas_measures_every_worker_at_once_and_scales_by_cpu_per_step(comm):
+    # Prepare: worker 1 (capacity 1) takes one unit of work a step; the others (capacity 0.5)
+    # take one and a half, as if they needed 50% more CPU for the same step
+    throttle = None if comm.rank == 0 else Throttle(1.0 if comm.rank == 1 else 0.5, "none")
+    units = 1 if comm.rank == 1 else 1.5
+    caps = [1.0] + [0.5] * (comm.size - 2)
+
+    def step():
+        _work(int(units * 150_000))
+
+    # (the workers share one core: this machine's two virtual cores can differ in speed by
+    # up to 1.6x at times, and that, not the work, would then set the CPU per step)
+    home = os.sched_getaffinity(0)
+    if comm.rank > 0:
+        os.sched_setaffinity(0, {min(home)})
+
+    # Execute
+    try:
+        t0 = time.perf_counter()
+        corr = match_quotas(comm, throttle, None if comm.rank == 0 else step, caps, 0.6)
+        took = time.perf_counter() - t0
+    finally:
+        os.sched_setaffinity(0, home)
+
+    # Assert: rank 0 holds every worker's correction, each worker its own, the same values
+    everyone = comm.comm.allgather(corr)
+    table = everyone[0]
+    assert table.shape == (comm.size - 1,)
+    for r in range(1, comm.size):
+        assert everyone[r].tolist() == [table[r - 1]]
+        assert throttle is None or throttle.correction == float(corr[0])
+    assert table[0] == 1.0  # the only full-speed worker is the reference
+    assert np.all((table[1:] > 1.25) & (table[1:] < 1.8)), table  # 1.5 with a shared machine's noise
+    assert took >= 0.6  # everyone ran for the window
 
 
 def _calibrate(comm, *args) -> int:

@@ -70,6 +70,33 @@ def test_straggler_soft_trains_with_changing_masks(tmp_path):
         assert f["profiles/step_time"].shape[0] == 4
 
 
+def test_cgroup_quotas_are_matched_at_start_and_recorded(tmp_path):
+    # Prepare: the cgroup throttle needs root and a writable hierarchy
+    if os.geteuid() != 0 or not Path("/sys/fs/cgroup").exists():
+        pytest.skip("the cgroup throttle needs root and a cgroup hierarchy")
+    caps = "workers.capacity=[1,0.5]"
+    # Execute: matched (the default) and not
+    res = launch(3, *tiny(tmp_path / "matched", 1), "--set", "workers.throttle=cgroup", "--set", caps,
+                 "--set", "workers.match_seconds=0.5")
+    off = launch(3, *tiny(tmp_path / "off", 1), "--set", "workers.throttle=cgroup", "--set", caps,
+                 "--set", "workers.match_seconds=0")
+    # Assert
+    if "no writable cgroup" in res.stderr or "could not" in res.stderr:
+        pytest.skip(res.stderr.strip().splitlines()[-1])
+    assert res.returncode == 0, res.stderr
+    assert off.returncode == 0, off.stderr
+    line = [x for x in res.stdout.splitlines() if x.startswith("elfish-mpi: cgroup quotas scaled")]
+    assert len(line) == 1, res.stdout
+    printed = [float(v) for v in line[0].split(": ")[-1].split()]
+    with h5py.File(tmp_path / "matched" / "checkpoint.h5", "r") as f:
+        corr = f["state/quota_correction"][()]
+    assert corr.tolist() == pytest.approx(printed, abs=5e-4)
+    assert corr[0] == 1.0 and 0.5 <= corr[1] <= 2.0  # the only full-speed worker is the reference
+    assert "quotas scaled" not in off.stdout
+    with h5py.File(tmp_path / "off" / "checkpoint.h5", "r") as f:
+        assert "quota_correction" not in f["state"]
+
+
 def test_bad_config_value_is_refused_without_traceback(tmp_path):
     res = launch(3, *tiny(tmp_path / "run"), "--set", "strategy.mask_policy=sideways")
     assert res.returncode != 0

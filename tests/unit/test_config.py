@@ -198,6 +198,8 @@ def test_bad_choice_names_key_and_allowed_values(override, key, allowed):
         ("workers.capacity=[0]", "workers.capacity[0]"),
         ("workers.capacity=[1.0, 1.5]", "workers.capacity[1]"),
         ("workers.capacity=[1.0, -0.5]", "workers.capacity[1]"),
+        ("workers.match_seconds=-1", "workers.match_seconds"),
+        ("workers.match_seconds=nan", "workers.match_seconds"),
         ("workers.capacity=0.5", "workers.capacity"),
         ("strategy.keep_ratios=[0.5, 0]", "strategy.keep_ratios[1]"),
         ("strategy.keep_ratios=[1.1]", "strategy.keep_ratios[0]"),

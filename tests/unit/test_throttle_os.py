@@ -23,6 +23,7 @@ from elfish_mpi.throttle import (
     affinity_plan,
     cgroup_quota,
     fair_share,
+    quota_corrections,
 )
 
 CORES = len(os.sched_getaffinity(0))
@@ -75,6 +76,36 @@ def test_cgroup_quota_gives_every_capacity_the_same_burst(share):
         assert quota / period == pytest.approx(c * share, rel=1e-3)
 
 
+def test_quota_corrections_scale_by_cpu_per_step_over_the_full_speed_workers_median():
+    # Prepare: two full-speed workers (16 and 18 ms a step: median 17), a 0.5 that needs 10%
+    # more CPU per step, a 0.25 that needs 20% more
+    cpu = [0.016, 0.018, 0.0187, 0.0204]
+    # Execute
+    corr = quota_corrections(cpu, [1, 1, 0.5, 0.25])
+    # Assert
+    assert corr == pytest.approx([16 / 17, 18 / 17, 1.1, 1.2])
+
+
+def test_quota_corrections_reference_the_fastest_tier_and_stay_in_range():
+    # no capacity-1 worker: the highest capacity present is the reference
+    assert quota_corrections([0.02, 0.03], [0.5, 0.25]) == pytest.approx([1.0, 1.5])
+    # a worker 5x or 0.1x the reference is held to the range; one with no measurement keeps 1
+    assert quota_corrections([0.01, 0.05, 0.001, 0.0], [1, 0.5, 0.5, 0.5]) == pytest.approx([1.0, 2.0, 0.5, 1.0])
+    # no valid reference: nothing is scaled
+    assert quota_corrections([0.0, 0.02], [1, 0.5]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="2 CPU times for 3 capacities"):
+        quota_corrections([0.1, 0.1], [1, 1, 1])
+
+
+def test_correct_refuses_a_factor_that_is_not_positive():
+    t = Throttle(0.5, "cgroup")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be a positive number"):
+            t.correct(bad)
+    t.correct(1.1)  # not attached: kept for when it is
+    assert t.correction == 1.1
+
+
 # ---------------------------------------------------------------------------------- real cgroup
 
 ATTACH = """
@@ -100,6 +131,10 @@ out = {"group": str(g), "version": v, "pid": os.getpid(), "share": t.share, "quo
        "procs": (g / "cgroup.procs").read_text().split(), "own": own()}
 t.capacity = 1.0  # a capacity trace changes it mid-run: the quota follows
 out["quota_full"] = quota(g, v)
+t.correct(1.2)  # match_quotas measured 20% more CPU per step than a full-speed worker's
+out["quota_corrected"] = quota(g, v)
+t.capacity = 0.5  # the correction holds through a capacity change
+out["quota_half_corrected"] = quota(g, v)
 if "--no-detach" in sys.argv:  # leave it to atexit
     print(json.dumps(out))
     sys.exit(0)
@@ -135,6 +170,9 @@ def test_cgroup_attach_sets_quota_moves_process_and_detach_removes_group():
     assert any(line.endswith("/" + group.name) for line in info["own"]), info["own"]
     full_quota, full_period = cgroup_quota(1.0, share)
     assert info["quota_full"] == [str(full_quota), str(full_period)]
+    assert info["quota_corrected"] == [str(q) for q in cgroup_quota(1.2, share)]
+    assert info["quota_half_corrected"] == [str(q) for q in cgroup_quota(0.6, share)]
+    assert info["quota_corrected"] != info["quota_full"]
     assert info["exists_after"] is False
     assert not any(group.name in line for line in info["own_after"])
     assert not group.exists()
