@@ -551,6 +551,36 @@ def show_config(args) -> int:
     return 0
 
 
+def _leave(code: int) -> None:
+    """End a finished rank at once: what the interpreter's own exit would do that matters (the
+    atexit handlers: a throttle's cgroup removed; MPI finalized; output flushed; the C exit
+    handlers), without tearing down every module and object one by one, which took 1.6-2.2 s
+    a rank with torch loaded and kept ``mpiexec`` from returning for 2.4 s after the summary
+    line."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    try:
+        MPI = sys.modules.get("mpi4py.MPI")  # (not imported: nothing to finalize)
+        if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        # The C library's exit, not os._exit: it runs the C-level exit handlers, and MPICH's
+        # process-manager client says goodbye to the launcher in one of them; a process that
+        # leaves without it makes MPICH's mpiexec end the others with SIGKILL.
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).exit(int(code))
+        finally:
+            os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # (called by the `elfish-mpi` script or `python -m elfish_mpi`)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -583,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             from . import signals
 
             signals.ignore_from_now()
+            _leave(code)
         return code
     commands = {"inspect": inspect, "evaluate": evaluate, "export": export, "validate": validate, "config": show_config}
     try:

@@ -75,6 +75,8 @@ def test_cgroup_quotas_are_matched_at_start_and_recorded(tmp_path):
     if os.geteuid() != 0 or not Path("/sys/fs/cgroup").exists():
         pytest.skip("the cgroup throttle needs root and a cgroup hierarchy")
     caps = "workers.capacity=[1,0.5]"
+    roots = [r for r in (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")) if r.is_dir()]
+    groups_before = {g for r in roots for g in r.glob("elfish-*")}
     # Execute: matched (the default) and not
     res = launch(3, *tiny(tmp_path / "matched", 1), "--set", "workers.throttle=cgroup", "--set", caps,
                  "--set", "workers.match_seconds=0.5")
@@ -95,6 +97,28 @@ def test_cgroup_quotas_are_matched_at_start_and_recorded(tmp_path):
     assert "quotas scaled" not in off.stdout
     with h5py.File(tmp_path / "off" / "checkpoint.h5", "r") as f:
         assert "quota_correction" not in f["state"]
+    # the ranks, leaving at once after the job (cli._leave), leave no group behind
+    assert {g for r in roots for g in r.glob("elfish-*")} == groups_before
+
+
+def test_a_finished_rank_leaves_with_its_exit_handlers_run_and_output_flushed(tmp_path):
+    # Prepare: a process that registers an exit handler and prints without flushing
+    marker = tmp_path / "handler-ran"
+    code = (
+        "import atexit, sys\n"
+        "from elfish_mpi.cli import _leave\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        "print('summary line')\n"
+        "sys.stderr.write('a warning')\n"
+        "_leave(3)\n"
+        "print('never')\n"
+    )
+    # Execute
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    # Assert
+    assert res.returncode == 3
+    assert res.stdout == "summary line\n" and res.stderr == "a warning"
+    assert marker.read_text() == "yes"
 
 
 def test_bad_config_value_is_refused_without_traceback(tmp_path):
