@@ -516,8 +516,25 @@ class Chain(nn.Module):
                 break
             x = F.relu(x)
             if kind == "conv" and pool:
-                x = F.max_pool2d(x, pool)
+                x = max_pool(x, pool)
         return x
+
+
+def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``F.max_pool2d(x, k)`` (k x k windows, stride k, no padding). Without autograd (the
+    evaluation) as the elementwise maximum of the k*k strided views, which selects the same
+    values and is 4-6x faster on CPU than max_pool2d, whose kernel computes the indices that
+    only its backward pass needs; with autograd, max_pool2d itself, whose backward pass
+    sends a tie's gradient to the first maximum of the window (the maximum's splits it)."""
+    if torch.is_grad_enabled() or x.dim() != 4:
+        return F.max_pool2d(x, k)
+    h, w = x.shape[2] // k * k, x.shape[3] // k * k
+    out = x[:, :, 0:h:k, 0:w:k].clone()
+    for i in range(k):
+        for j in range(k):
+            if i or j:
+                torch.maximum(out, x[:, :, i:h:k, j:w:k], out=out)
+    return out
 
 
 def chain_groups(in_shape: tuple, layers: tuple) -> list[Group]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from elfish_mpi.evaluation import CHUNK, EvalSplit, combine, evaluate, evaluate_chunks, image_range, num_chunks, shares
-from elfish_mpi.models import lenet
+from elfish_mpi.models import get_spec, lenet, max_pool
 
 
 def test_shares_cover_every_chunk_once_in_proportion_to_capacity():
@@ -71,3 +71,37 @@ def test_the_split_gives_rank_0_what_it_can_do_while_the_workers_evaluate_and_tr
     # 0.5 s of training: k0 * 0.01 = 0.4 + (100 - k0) * 0.02
     split.observe_training(0.5)
     assert split.split(caps, overlapped=True)[0] == 80
+
+
+@pytest.mark.parametrize("shape, k", [((7, 20, 24, 24), 2), ((3, 5, 9, 11), 2), ((2, 4, 9, 9), 3), ((1, 1, 2, 2), 2)])
+def test_max_pool_without_autograd_selects_what_max_pool2d_selects(shape, k):
+    # Prepare: ReLU outputs (ties at zero and between equal positives) and a NaN
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(*shape)).round(decimals=1)
+    x[0, 0, 0, 0] = float("nan")
+    # Execute
+    with torch.inference_mode():
+        fast = max_pool(x, k)
+    slow = torch.nn.functional.max_pool2d(x, k)
+    # Assert: the same values (NaN where max_pool2d has it), bit for bit
+    assert fast.shape == slow.shape
+    assert torch.equal(torch.isnan(fast), torch.isnan(slow)) and bool(torch.isnan(slow).any())
+    assert torch.equal(fast.nan_to_num(-1.0), slow.nan_to_num(-1.0))
+
+
+@pytest.mark.parametrize("name, in_shape", [("lenet", (1, 28, 28)), ("alexnet", (3, 32, 32)), ("cnn-femnist", (1, 28, 28))])
+def test_a_models_evaluation_gives_the_logits_of_its_training_forward_pass(name, in_shape):
+    # Prepare: the model's forward pass with autograd (max_pool2d) and without (evaluate_chunks)
+    spec = get_spec(name, 10, in_shape)
+    torch.manual_seed(1)
+    model = spec.init_module().eval()
+    x = torch.randn(30, *in_shape)
+    y = torch.randint(0, 10, (30,))
+    # Execute
+    with torch.enable_grad():
+        logits = model(x)
+    got = evaluate_chunks(model, x, y)
+    # Assert
+    assert logits.requires_grad
+    want = [[float((logits.argmax(1) == y).sum()), float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))]]
+    assert got.tolist() == want
