@@ -151,8 +151,9 @@ class Worker:
 
     def full_step(self):
         """A training step of the full model on this rank's client's data, for match_quotas."""
-        torch.manual_seed(self.cfg.run.seed)
-        model = self.spec.init_module()
+        with torch.random.fork_rng(devices=[]):  # (leaves torch's random state as it was)
+            torch.manual_seed(self.cfg.run.seed)
+            model = self.spec.init_module()
         opt = torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr)
         part = self.parts.client(self.index)
         y = torch.from_numpy(part.labels.astype(np.int64))
