@@ -86,13 +86,17 @@ class Aggregator:
     # -- profiles and planning ---------------------------------------------------------
     def gather_profiles(self) -> None:
         configs = profiling.configurations(self.spec, self.cfg.strategy.profile)
-        rows = self.comm.gather_rows(np.zeros(3 * len(configs)))[1:]
-        c = len(configs)
+        times = self.comm.gather_rows(np.zeros(len(configs)))[1:]
+        # each configuration's costs, the same for every worker, counted here (a worker would
+        # pay for the counting's imports: 1 s each)
+        ratios = [profiling.ratios_of(self.spec, row) for row in configs]
+        macs = [float(self.spec.macs(profiling.widths_for(self.spec, r))) for r in ratios]
+        mem = [profiling.memory_bytes(self.spec, r, self.cfg.train.batch_size) for r in ratios]
         self.profiles = {
             "keep_ratios": configs,
-            "step_time": rows[:, :c],
-            "macs": rows[:, c : 2 * c],
-            "memory_bytes": rows[:, 2 * c :],
+            "step_time": times,
+            "macs": np.tile(np.asarray(macs), (len(times), 1)),
+            "memory_bytes": np.tile(np.asarray(mem), (len(times), 1)),
             "capacity": np.asarray(self.rank_capacity, dtype=np.float64),  # each rank's, while it profiled
         }
 

@@ -353,6 +353,8 @@ def train(args) -> int:
     signals.install()
     comm = Comm()
     supervisor.identify("the aggregator, rank 0" if comm.rank == 0 else f"worker rank {comm.rank}")
+    if comm.rank > 0:  # torch and the round loop, loaded while rank 0 checks the job (prepare) instead of after
+        from . import worker  # noqa: F401
     # Rank 0 checks everything; keys starting with "_" (test data, the checkpoint) stay on it.
     setup, error = comm.from_root(lambda: prepare(args, comm.size - 1), known_errors(),
                                   public=lambda s: {k: v for k, v in s.items() if not k.startswith("_")})
@@ -389,7 +391,8 @@ def run_job(comm, setup: dict) -> int:
     torch.set_num_threads(cfg.run.threads)
     if comm.rank == 0:  # (a worker waits for rank 0, which may be writing the final checkpoint)
         comm.stop_grace = cfg.run.stop_grace
-    spec = spec_of(cfg.model, setup["num_classes"], tuple(setup["in_shape"]))
+    # (rank 0 checked the model in prepare; the workers skip that forward pass: 1 s of imports each)
+    spec = spec_of(cfg.model, setup["num_classes"], tuple(setup["in_shape"]), check=comm.rank == 0)
     # Every rank sets up its part; an error on any rank (a worker's data, its throttle) is
     # reported by rank 0 and every rank leaves with exit code 2, before any round.
     hosts = comm.allgather_obj(socket.gethostname())

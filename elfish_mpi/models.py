@@ -87,7 +87,7 @@ class ModelSpec:
     docstring). ``factory()`` returns ``(module, groups)``; the module it returns is the
     freshly initialised full model (the torch RNG decides its values)."""
 
-    def __init__(self, name: str, factory, in_shape: tuple, num_classes: int):
+    def __init__(self, name: str, factory, in_shape: tuple, num_classes: int, check: bool = True):
         self.name, self.factory = name, factory
         self.in_shape, self.num_classes = tuple(int(s) for s in in_shape), int(num_classes)
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -110,7 +110,8 @@ class ModelSpec:
         for g in self.groups:
             for s in g.slices:
                 self._axes.setdefault(s.tensor, []).append((s.axis % len(state[s.tensor].shape), g.name, s.block))
-        self._check_forward()
+        if check:  # (a forward pass on the meta device: its first costs torch 1 s of imports)
+            self._check_forward()
 
     # -- construction -----------------------------------------------------------
     def _call_factory(self):
@@ -749,14 +750,16 @@ def _load_factory(name: str):
     return factory
 
 
-def get_spec(name: str, num_classes: int, in_shape: tuple, norm: str = "static-bn") -> ModelSpec:
+def get_spec(name: str, num_classes: int, in_shape: tuple, norm: str = "static-bn", check: bool = True) -> ModelSpec:
     """The :class:`ModelSpec` of a built-in model or of ``"package.module:factory"`` (one object
-    per distinct argument list: its costs are counted once)."""
-    return _spec(str(name), int(num_classes), tuple(int(s) for s in in_shape), str(norm))
+    per distinct argument list: its costs are counted once). ``check=False`` skips the forward
+    pass that proves the groups' slices complete, for a process whose model another has
+    checked already (a worker rank: rank 0 refused a bad model before the job started)."""
+    return _spec(str(name), int(num_classes), tuple(int(s) for s in in_shape), str(norm), bool(check))
 
 
 @functools.lru_cache(maxsize=64)
-def _spec(name: str, num_classes: int, in_shape: tuple, norm: str) -> ModelSpec:
+def _spec(name: str, num_classes: int, in_shape: tuple, norm: str, check: bool = True) -> ModelSpec:
     if ":" in name:
         factory = _load_factory(name)
     elif name in MODELS:
@@ -766,18 +769,18 @@ def _spec(name: str, num_classes: int, in_shape: tuple, norm: str) -> ModelSpec:
     if name == "resnet18":
         if norm not in NORMS:
             raise ModelError(f"unknown model.norm {norm!r}; choose one of: {', '.join(NORMS)}")
-        return ModelSpec(name, functools.partial(factory, num_classes, in_shape, norm), in_shape, num_classes)
-    return ModelSpec(name, functools.partial(factory, num_classes, in_shape), in_shape, num_classes)
+        return ModelSpec(name, functools.partial(factory, num_classes, in_shape, norm), in_shape, num_classes, check)
+    return ModelSpec(name, functools.partial(factory, num_classes, in_shape), in_shape, num_classes, check)
 
 
-def spec_of(model: object, num_classes: int, in_shape: tuple) -> ModelSpec:
+def spec_of(model: object, num_classes: int, in_shape: tuple, check: bool = True) -> ModelSpec:
     """The spec of a run's ``[model]`` section: a ``config.ModelConfig`` or the dict a
     checkpoint stores (``norm`` absent in files written before it existed: static-bn)."""
     if isinstance(model, dict):
         name, norm = str(model.get("name", "lenet")), str(model.get("norm", "static-bn"))
     else:
         name, norm = model.name, model.norm
-    return get_spec(name, num_classes, in_shape, norm=norm)
+    return get_spec(name, num_classes, in_shape, norm=norm, check=check)
 
 
 def lenet(num_classes: int = 10, in_shape: tuple = (1, 28, 28)) -> ModelSpec:

@@ -177,14 +177,12 @@ class Worker:
         part = self.parts.client(self.index if self.pinned else max(range(len(self.parts)), key=self.parts.size))
         images, y = part.images, torch.from_numpy(part.labels.astype(np.int64))
         probe = Sampler(len(y), self.cfg.train.batch_size, self.cfg.run.seed + 1, self.index)
-        models, samples, macs, mem = [], [[] for _ in configs], [], []
+        models, samples = [], [[] for _ in configs]
         for row in configs:
             ratios = profiling.ratios_of(self.spec, row)
             kept = make_masks(self.spec, ratios, "ordered", seed=0, round=0, worker=self.index)
             model, _ = build_submodel(self.spec, kept, base)
             models.append((model, torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr)))
-            macs.append(float(self.spec.macs(model.widths)))
-            mem.append(profiling.memory_bytes(self.spec, ratios, self.cfg.train.batch_size))
         # (layers:) two passes over all configurations, so that a burst of load on the machine
         # spreads over them instead of falling on one; a warm-up step before each timing.
         for _ in range(profiling.passes(kind)):
@@ -195,8 +193,7 @@ class Worker:
                     idx = probe.next()
                     _, t = self.throttle.run(train_step, model, opt, self.batch(images, idx), y[idx])
                     samples[i].append(t.reported)
-        times = [float(np.median(s)) for s in samples]
-        return np.concatenate([times, macs, mem])
+        return np.array([float(np.median(s)) for s in samples])  # (rank 0 adds each configuration's costs)
 
     # -- evaluation ------------------------------------------------------------
     def evaluate_share(self, chunks: tuple[int, int]) -> np.ndarray:

@@ -41,6 +41,26 @@ def test_configurations_shape_and_rows(spec):
     assert profiling.ratios_of(spec, cfgs[-1]) == {**{k: 1.0 for k in spec.maskable}, spec.maskable[-1]: 0.5}
 
 
+@pytest.mark.parametrize("name, shape", [("lenet", (1, 28, 28)), ("alexnet", (3, 32, 32)), ("resnet18", (3, 32, 32)),
+                                         ("vit-tiny", (1, 28, 28))])
+@pytest.mark.parametrize("kind", ["layers", "quick"])
+def test_rank_0_counts_the_costs_of_the_sub_networks_the_workers_time(name, shape, kind):
+    # Prepare: what a worker builds and times for each profiling configuration (Worker.profile)
+    from elfish_mpi.models import get_spec
+    from elfish_mpi.submodel import build_submodel, flat_params
+
+    spec = get_spec(name, 10, shape)
+    base = flat_params(spec.init_module())
+    for row in configurations(spec, kind):
+        ratios = profiling.ratios_of(spec, row)
+        model, _ = build_submodel(spec, make_masks(spec, ratios, "ordered", seed=0, round=0, worker=2), base)
+        # Execute: what rank 0 counts for it (Aggregator.gather_profiles)
+        widths = profiling.widths_for(spec, ratios)
+        # Assert: the same sub-network
+        assert widths == model.widths
+        assert sum(p.numel() for p in model.parameters()) == spec.num_params(widths)
+
+
 def test_macs_fraction_and_memory_shrink_with_ratio():
     assert macs_fraction(LENET, FULL) == 1.0
     fracs = [macs_fraction(LENET, {k: r for k in FULL}) for r in profiling.UNIFORM_RATIOS]
