@@ -20,6 +20,11 @@ Measured for each run, from the launch of the process (``time.time()`` just befo
   ``evaluate_fn`` of round r (after the round's training, aggregation and evaluation);
 * time to round 1: the first round end; round period: the median time between successive round
   ends;
+* start-up: until rank 0's round clock starts (after every rank is up: its last round end less
+  metrics/wall_clock and the last evaluation) / until the ServerApp's strategy starts (Ray's actors
+  start later, in round 1); after the last round: the last round end to the exit; of which
+  shut-down: from rank 0's ``done:`` line (after the final checkpoint) / the strategy's end to the
+  exit (MPI_Finalize and the ranks' exit / Ray's shut-down and the driver's exit);
 * peak memory: every 0.2 s this script reads /proc/PID/status of every process of the job (the
   launched process's session and its descendants: mpiexec, hydra's proxy and the ranks; the
   Flower driver and all of Ray's processes and actors); per process its peak resident set size
@@ -43,7 +48,6 @@ import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -249,11 +253,14 @@ def run_ours(args, clients: int, out: Path) -> dict:
         m = _ROUND_LINE.match(line)
         if m:
             ends[int(m.group(1))] = now
+        elif line.startswith("done: "):  # rank 0's summary, after the last checkpoint
+            ends[0] = now
 
     res = launch(cmd, _env(), out / "output.log", args.timeout, on_line)
     run = open_run(run_dir)
     m = run.metrics
     rounds = list(range(1, args.rounds + 1))
+    t_done = ends.pop(0, float("nan")) - res["t_launch"]
     if sorted(ends) != rounds or len(m) != args.rounds:
         raise SystemExit(f"flower.py: {run_dir}: rounds reported {sorted(ends)}, recorded {len(m)}")
     t_end = np.array([ends[r] for r in rounds]) - res["t_launch"]
@@ -264,7 +271,7 @@ def run_ours(args, clients: int, out: Path) -> dict:
     res.update(
         t_end=t_end.tolist(), accuracy=m["test_accuracy"].to_numpy(float).tolist(),
         test_loss=m["test_loss"].to_numpy(float).tolist(), train_loss=m["train_loss"].to_numpy(float).tolist(),
-        startup_s=startup, train_s=float(np.median(m["round_time"].to_numpy(float))),
+        startup_s=startup, shutdown_s=res["total_s"] - t_done, train_s=float(np.median(m["round_time"].to_numpy(float))),
         eval_s=float(np.median(m["eval_time"].to_numpy(float))),
         rank_peak_sum=float(np.nanmax(m["peak_memory"].to_numpy(float))
                             + np.nansum(np.nanmax(run.per_worker("peak_memory"), axis=0))),
@@ -290,6 +297,7 @@ def run_flower(args, py: Path, clients: int, out: Path) -> dict:
     res.update(
         t_end=t_end.tolist(), accuracy=[r["test_accuracy"] for r in rows], test_loss=[r["test_loss"] for r in rows],
         train_loss=[r["train_loss"] for r in rows], startup_s=rec["t_strategy_start"] - t0,
+        shutdown_s=res["total_s"] - (rec["t_strategy_end"] - t0),
         train_s=float(np.median(t_agg - starts)), eval_s=float(np.median(t_end - t_agg)),
         import_s=rec["t_script"] - t0, versions=rec.get("versions", {}),
     )
@@ -304,7 +312,7 @@ def per_run_row(system: str, clients: int, rep: int, r: dict) -> dict:
     return {
         "system": system, "clients": clients, "repeat": rep, "total_s": r["total_s"], "round1_s": float(t_end[0]),
         "round_period_s": float(np.median(np.diff(t_end))) if t_end.size > 1 else float("nan"),
-        "startup_s": r["startup_s"], "teardown_s": r["total_s"] - float(t_end[-1]),
+        "startup_s": r["startup_s"], "teardown_s": r["total_s"] - float(t_end[-1]), "shutdown_s": r["shutdown_s"],
         "train_s": r["train_s"], "eval_s": r["eval_s"],
         "peak_memory_mib": r["peak_hwm_sum"] / 2**20, "peak_rss_sum_mib": r["peak_rss_sum"] / 2**20,
         "final_accuracy": r["accuracy"][-1], "lingering": r["lingering"], "processes": len(r["processes"]),
@@ -312,7 +320,7 @@ def per_run_row(system: str, clients: int, rep: int, r: dict) -> dict:
 
 
 METRICS = (("total_s", "total", "s"), ("round1_s", "to round 1", "s"), ("round_period_s", "round period", "s"),
-           ("startup_s", "start-up", "s"), ("teardown_s", "after the last round", "s"),
+           ("startup_s", "start-up", "s"), ("teardown_s", "after the last round", "s"), ("shutdown_s", "shut-down", "s"),
            ("peak_memory_mib", "peak memory (sum of VmHWM)", "MiB"), ("peak_rss_sum_mib", "peak RSS sum", "MiB"),
            ("final_accuracy", "final accuracy", ""))
 
@@ -322,26 +330,26 @@ def summarize(rows: list[dict], curves: dict, header: dict) -> tuple[dict, str]:
     lines = [f"# Side by side with Flower's simulation ({header['date']})", "",
              "Setting: " + header["setting"], "", "Versions: " + header["versions"], "",
              "| clients | system | runs | total | to round 1 | round period | start-up | after the last round "
-             "| peak memory (sum of VmHWM) | peak RSS sum | final accuracy |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| of which shut-down | peak memory (sum of VmHWM) | peak RSS sum | final accuracy |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for clients in sorted({r["clients"] for r in rows}):
         med = {}
         for system in ("ours", "flower"):
             sel = [r for r in rows if r["clients"] == clients and r["system"] == system]
             if not sel:
                 continue
-            med[system] = {k: statistics.median(r[k] for r in sel) for k, _, _ in METRICS}
+            med[system] = {k: float(np.median([r.get(k, np.nan) for r in sel])) for k, _, _ in METRICS}
             med[system]["runs"] = len(sel)
             v = med[system]
             lines.append(f"| {clients} | {system} | {len(sel)} | {v['total_s']:.1f} s | {v['round1_s']:.1f} s "
-                         f"| {v['round_period_s']:.2f} s | {v['startup_s']:.1f} s | {v['teardown_s']:.1f} s "
+                         f"| {v['round_period_s']:.2f} s | {v['startup_s']:.1f} s | {v['teardown_s']:.1f} s | {v['shutdown_s']:.1f} s "
                          f"| {v['peak_memory_mib']:.0f} MiB | {v['peak_rss_sum_mib']:.0f} MiB | {v['final_accuracy']:.2%} |")
         entry = {"clients": clients, "median": med}
         if len(med) == 2:
             ratio = {k: med["flower"][k] / med["ours"][k] for k, _, _ in METRICS if k != "final_accuracy"}
             entry["ratio"] = ratio
             lines.append(f"| {clients} | **Flower / ours** | | **{ratio['total_s']:.2f}x** | {ratio['round1_s']:.2f}x "
-                         f"| **{ratio['round_period_s']:.2f}x** | {ratio['startup_s']:.2f}x | {ratio['teardown_s']:.2f}x "
+                         f"| **{ratio['round_period_s']:.2f}x** | {ratio['startup_s']:.2f}x | {ratio['teardown_s']:.2f}x | {ratio['shutdown_s']:.2f}x "
                          f"| {ratio['peak_memory_mib']:.2f}x | {ratio['peak_rss_sum_mib']:.2f}x | |")
             a, b = np.asarray(curves[("ours", clients)]), np.asarray(curves[("flower", clients)])
             # (every run of a system gives the same curve: the job is deterministic; checked here)
