@@ -117,3 +117,9 @@ elfish-mpi bench "${FEMC[@]}" --strategies fedavg-drop,fedprox-partial,elfish --
 # 14. 1,000 clients, 100 a round, on 5 and 17 ranks.
 step "14. 1,000 clients on 5 and 17 ranks"
 python "$(dirname "$0")/clients_scale.py" --ranks 5,17 --rounds 5 --out "$OUT/14-clients-scale" | tee "$OUT/14-clients-scale.md"
+
+# 15. The same FedAvg job side by side with Flower's simulation (Ray), 4 and 8 clients, 3 repeats
+#     alternated; Flower runs in its own virtualenv (.venv-flower), which the script makes if missing.
+step "15. side by side with Flower's simulation"
+[ -e "$OUT/15-flower/summary.md" ] || python "$(dirname "$0")/flower.py" --clients 4,8 --rounds 15 --repeats 3 \
+    --out "$OUT/15-flower" | tee "$OUT/15-flower.md"
