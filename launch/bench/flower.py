@@ -238,8 +238,11 @@ def run_ours(args, clients: int, out: Path) -> dict:
     from elfish_mpi.bench import resolve_launcher
 
     run_dir = out / "run"
-    cmd = [*resolve_launcher("mpiexec"), "-n", str(clients + 1), sys.executable, "-m", "elfish_mpi", "train",
+    ranks = args.ours_workers if 0 < args.ours_workers < clients else clients  # worker ranks
+    cmd = [*resolve_launcher("mpiexec"), "-n", str(ranks + 1), sys.executable, "-m", "elfish_mpi", "train",
            "--out", str(run_dir)]
+    if ranks < clients:  # the clients trained one after another on fewer ranks (clients.count)
+        cmd += ["--set", f"clients.count={clients}"]
     caps = "[" + ",".join(["1"] * clients) + "]"
     for s in ("strategy.name=fedavg", "workers.throttle=none", f"workers.capacity={caps}", f"run.rounds={args.rounds}",
               f"train.local_steps={args.steps}", f"train.batch_size={args.batch}", f"train.lr={args.lr}",
@@ -385,6 +388,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (run.threads)")
     p.add_argument("--overlap-eval", choices=("true", "false"), default="true", help="ours: run.overlap_eval")
     p.add_argument("--cpus-per-client", type=float, default=1.0, help="Flower: Ray's client_resources num_cpus")
+    p.add_argument("--ours-workers", type=int, default=0,
+                   help="ours: worker ranks (0: one a client; fewer: clients.count = CLIENTS, each rank training "
+                        "its clients one after another, as Flower's actors do)")
     p.add_argument("--venv", default=str(ROOT / ".venv-flower"), help="Flower's virtualenv (made when missing)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds a run may take before it is killed")
     args = p.parse_args()
@@ -404,7 +410,8 @@ def main() -> int:
                     f"{args.steps} local SGD steps of batch {args.batch} at lr {args.lr} (no momentum), FedAvg by "
                     f"sample count, every round's global model evaluated on "
                     f"{args.test_samples or 'all 10,000'} test images, {args.threads} torch thread(s) a process; "
-                    f"ours: strategy fedavg, throttle none, capacities 1, run.overlap_eval = "
+                    f"ours: strategy fedavg, throttle none, capacities 1, "
+                    f"{'one rank a client' if args.ours_workers <= 0 else f'{args.ours_workers} worker ranks'}, run.overlap_eval = "
                     f"{str(args.overlap_eval).lower()}; Flower: {args.cpus_per_client:g} CPU a client "
                     f"(Ray client_resources), no client-side evaluation; {args.repeats} repeats, alternated"),
         "versions": (f"ours: torch {torch.__version__}, mpi4py {mpi4py.__version__}, {MPI.Get_library_version().split(chr(10))[0].strip()}; "
