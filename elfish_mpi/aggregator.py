@@ -127,7 +127,7 @@ class Aggregator:
         cfg, spec = self.cfg, self.spec
         resume = self.setup.get("resume_ckpt")
         self.comm.barrier()  # every rank is up: round 1's clock starts after everyone's start-up
-        if cfg.workers.matches_quotas:
+        if self.setup["match_quotas"]:
             supervisor.note("while the workers matched their cgroup quotas")
             t_match = time.perf_counter()
             self.quota_correction = match_quotas(self.comm, None, None, self.rank_capacity, cfg.workers.match_seconds)

@@ -131,7 +131,8 @@ def config_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
 
 # Keys added after checkpoints were first written, with the behaviour those checkpoints had:
 # a checkpoint without the key resumes (or compares) as it ran, not with today's default.
-LEGACY_DEFAULTS = {("strategy", "weighting"): "samples", ("strategy", "fallback"): "none"}
+LEGACY_DEFAULTS = {("strategy", "weighting"): "samples", ("strategy", "fallback"): "none",
+                   ("workers", "match_seconds"): 0.0}
 
 
 def with_legacy_defaults(raw: dict) -> dict:
@@ -295,6 +296,8 @@ def prepare(args, num_workers: int) -> dict:
         "resume": ckpt is not None,
         # a strategy that does not plan (fedavg, elfish with fixed keep ratios) does not profile
         "profile": ckpt is None and make_strategy(cfg, spec, num_clients).needs_planner,
+        # the cgroup quotas are matched at start-up, unless no round is left to run
+        "match_quotas": cfg.workers.matches_quotas and (ckpt is None or ckpt.round < cfg.run.rounds),
         "speeds": speeds,  # each client's starting capacity (clients.py), the same on every rank
         "notes": notes,
         "job_id": f"{os.getpid()}-{int(time.time())}",
@@ -579,7 +582,7 @@ def _leave(code: int) -> None:
         try:
             import ctypes
 
-            ctypes.CDLL(None).exit(int(code))
+            ctypes.PyDLL(None).exit(int(code))  # (PyDLL: holding the GIL, no Python thread runs meanwhile)
         finally:
             os._exit(code)
 

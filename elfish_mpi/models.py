@@ -527,9 +527,9 @@ def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
     values and is 4-6x faster on CPU than max_pool2d, whose kernel computes the indices that
     only its backward pass needs; with autograd, max_pool2d itself, whose backward pass
     sends a tie's gradient to the first maximum of the window (the maximum's splits it)."""
-    if torch.is_grad_enabled() or x.dim() != 4:
-        return F.max_pool2d(x, k)
     h, w = x.shape[2] // k * k, x.shape[3] // k * k
+    if torch.is_grad_enabled() or x.dim() != 4 or not x.is_contiguous() or h == 0 or w == 0:
+        return F.max_pool2d(x, k)  # (also for channels-last input, where ties of -0.0 and 0.0 could differ)
     out = x[:, :, 0:h:k, 0:w:k].clone()
     for i in range(k):
         for j in range(k):

@@ -155,7 +155,7 @@ def fair_share(cores: int, workers_on_node: int, threads: int | None = None) -> 
 PERIOD_MIN_US, PERIOD_MAX_US, QUOTA_MIN_US = 1000, 1_000_000, 1000  # the kernel's limits
 
 
-CORRECTION_RANGE = (0.5, 2.0)  # the most a measured quota correction may scale a quota
+CORRECTION_RANGE = (0.75, 1.33)  # the most a measured quota correction may scale a quota
 
 
 def quota_corrections(cpu_per_step: Sequence[float], capacities: Sequence[float]) -> list[float]:
@@ -454,8 +454,9 @@ class Throttle:
 
     def correct(self, factor: float) -> None:
         """Scale the cgroup quota by ``factor`` (from :func:`quota_corrections`): the CPU a step
-        takes this worker over what it takes a full-speed one. It holds for the rest of the job,
-        through capacity changes. Other modes keep the factor and ignore it."""
+        takes this worker over what it takes a full-speed one; the scaled capacity stays at
+        most 1. It holds for the rest of the job, through capacity changes (measured at the
+        starting capacity, not again for a trace's). Other modes keep the factor and ignore it."""
         f = float(factor)
         if not (math.isfinite(f) and f > 0):
             raise ValueError(f"quota correction {factor!r} must be a positive number")
@@ -465,7 +466,9 @@ class Throttle:
 
     # -- cgroup -------------------------------------------------------------------
     def _cgroup_set_quota(self, group: Path, version: int) -> None:
-        quota, period = cgroup_quota(self.capacity * self.correction, self.share, self.cgroup_period_us)
+        # (corrected, never more than a full-speed worker's fair share: the quotas of a node's
+        # workers must not add up to more than its cores)
+        quota, period = cgroup_quota(min(1.0, self.capacity * self.correction), self.share, self.cgroup_period_us)
         if version == 2:
             _write(group / "cpu.max", f"{quota} {period}")
         else:

@@ -71,29 +71,39 @@ def train_step(model, opt, x, y, anchor=None, mu: float = 0.0) -> float:
     return float(loss.detach())
 
 
+MATCH_WINDOW_MAX = 60.0  # seconds: the longest the quota matching runs unless workers.match_seconds asks more
+
+
 def match_quotas(comm: Comm, throttle: Throttle | None, step, capacities, seconds: float) -> np.ndarray | None:
     """Measure, on every worker at once, the CPU a full-model step takes under its quota, and
     scale each worker's quota by its CPU per step over the full-speed workers'
     (:func:`throttle.quota_corrections`). Every rank calls it (rank 0 with ``throttle`` None
     and ``step`` None); ``capacities`` are the workers'. One untimed and one timed step set
-    the window: ``seconds``, or three of the slowest worker's steps if longer; every worker
+    the window: ``seconds``, or three of the slowest worker's steps if longer (at most
+    :data:`MATCH_WINDOW_MAX` unless ``seconds`` is longer); every worker
     steps until the window has passed, so all measure under the same load. Returns the
     corrections on rank 0, this worker's (1 element) elsewhere."""
-    t = 0.0
-    if throttle is not None:
-        step()
-        w0 = time.perf_counter()
-        step()
-        t = time.perf_counter() - w0
-    rows = comm.gather_rows(np.array([t]))
-    window = comm.bcast_obj(max(float(seconds), 3.0 * float(rows[1:, 0].max())) if comm.rank == 0 else None)
-    cpu = 0.0
-    if throttle is not None:
-        n, w0, c0 = 0, time.perf_counter(), time.process_time()
-        while n == 0 or time.perf_counter() - w0 < window:
+    with torch.random.fork_rng(devices=[]):  # (the steps leave torch's random state as it was)
+        t = 0.0
+        if throttle is not None:
             step()
-            n += 1
-        cpu = (time.process_time() - c0) / n
+            w0 = time.perf_counter()
+            step()
+            t = time.perf_counter() - w0
+        rows = comm.gather_rows(np.array([t]))
+        window = None
+        if comm.rank == 0:
+            window = min(max(float(seconds), 3.0 * float(rows[1:, 0].max())), max(float(seconds), MATCH_WINDOW_MAX))
+            print(f"elfish-mpi: matching the cgroup quotas: every worker trains the full model for {window:.1f} s",
+                  flush=True)
+        window = comm.bcast_obj(window, what="the broadcast of the quota matching's window (a worker rank stopped answering)")
+        cpu = 0.0
+        if throttle is not None:
+            n, w0, c0 = 0, time.perf_counter(), time.process_time()
+            while n == 0 or time.perf_counter() - w0 < window:
+                step()
+                n += 1
+            cpu = (time.process_time() - c0) / n
     rows = comm.gather_rows(np.array([cpu]))
     corr = np.empty(comm.size - 1)
     if comm.rank == 0:
@@ -114,6 +124,7 @@ class Worker:
         self.index = comm.rank - 1
         num_workers = comm.size - 1
         self.speeds = list(setup["speeds"])  # each client's starting capacity (clients.py)
+        self.match_quotas = bool(setup.get("match_quotas", False))  # (cgroup: Aggregator.run matches with it)
         self.pinned = cfg.pinned(num_workers)
         # pinned: the rank is its client's device (profiled and evaluating at its capacity);
         # otherwise a host of clients at full speed, slowed to each client's while it trains it
@@ -253,7 +264,7 @@ class Worker:
         rank = self.comm.rank
         try:
             self.comm.barrier()  # every worker starts (timing) at once, under the same load
-            if self.cfg.workers.matches_quotas:
+            if self.match_quotas:
                 supervisor.note("while matching the cgroup quotas")
                 match_quotas(self.comm, self.throttle, self.full_step(), self.throttle.capacities,
                              self.cfg.workers.match_seconds)

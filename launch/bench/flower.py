@@ -411,7 +411,7 @@ def main() -> int:
                     f"sample count, every round's global model evaluated on "
                     f"{args.test_samples or 'all 10,000'} test images, {args.threads} torch thread(s) a process; "
                     f"ours: strategy fedavg, throttle none, capacities 1, "
-                    f"{'one rank a client' if args.ours_workers <= 0 else f'{args.ours_workers} worker ranks'}, run.overlap_eval = "
+                    f"{'one rank a client' if not 0 < args.ours_workers < min(counts) else f'{args.ours_workers} worker ranks'}, run.overlap_eval = "
                     f"{str(args.overlap_eval).lower()}; Flower: {args.cpus_per_client:g} CPU a client "
                     f"(Ray client_resources), no client-side evaluation; {args.repeats} repeats, alternated"),
         "versions": (f"ours: torch {torch.__version__}, mpi4py {mpi4py.__version__}, {MPI.Get_library_version().split(chr(10))[0].strip()}; "

@@ -80,11 +80,11 @@ def test_cgroup_quotas_are_matched_at_start_and_recorded(tmp_path):
     # Execute: matched (the default) and not
     res = launch(3, *tiny(tmp_path / "matched", 1), "--set", "workers.throttle=cgroup", "--set", caps,
                  "--set", "workers.match_seconds=0.5")
+    if "needs a writable cgroup" in res.stderr:  # (root, yet no writable hierarchy: a container)
+        pytest.skip(res.stderr.strip().splitlines()[-1])
     off = launch(3, *tiny(tmp_path / "off", 1), "--set", "workers.throttle=cgroup", "--set", caps,
                  "--set", "workers.match_seconds=0")
     # Assert
-    if "no writable cgroup" in res.stderr or "could not" in res.stderr:
-        pytest.skip(res.stderr.strip().splitlines()[-1])
     assert res.returncode == 0, res.stderr
     assert off.returncode == 0, off.stderr
     line = [x for x in res.stdout.splitlines() if x.startswith("elfish-mpi: cgroup quotas scaled")]

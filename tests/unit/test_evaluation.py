@@ -78,7 +78,10 @@ def test_max_pool_without_autograd_selects_what_max_pool2d_selects(shape, k):
     # Prepare: ReLU outputs (ties at zero and between equal positives) and a NaN
     torch.manual_seed(0)
     x = torch.relu(torch.randn(*shape)).round(decimals=1)
-    x[0, 0, 0, 0] = float("nan")
+    x[0, 0, 0, 0] = float("nan")  # first in its window
+    x[-1, -1, 1, 1] = float("nan")  # last in its window
+    if x.shape[2] >= 2 * k and x.shape[3] >= 2 * k:  # signed zeros tie, in another window
+        x[0, 0, k : k + 2, k : k + 2] = torch.tensor([[0.0, -0.0], [-0.0, 0.0]])
     # Execute
     with torch.inference_mode():
         fast = max_pool(x, k)
