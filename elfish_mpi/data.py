@@ -861,3 +861,33 @@ def load_test_data(name: str, path: str = "", max_samples: int = 0) -> Split:
     """The test split, or the subset of it that :func:`test_rows` picks."""
     src = _open_source(name, path, "test")
     return src.take(test_rows(src.labels, max_samples))
+
+
+# ---------------------------------------------------------------------------- mini-batch order
+_DATA_STREAM = 0x64617461
+
+
+class Sampler:
+    """Mini-batches in a seeded per-epoch order; its whole state is ``cursor``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, worker: int, cursor: int = 0):
+        self.n, self.batch_size, self.seed, self.worker = n, batch_size, seed, worker
+        self.cursor = int(cursor)
+        self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, _DATA_STREAM, self.worker, epoch])
+            self._epoch, self._perm = epoch, rng.permutation(self.n)
+        return self._perm
+
+    def next(self) -> np.ndarray:
+        out = []
+        need = min(self.batch_size, self.n) if self.n else 0
+        while need:
+            epoch, pos = divmod(self.cursor, self.n)
+            take = min(need, self.n - pos)
+            out.append(self._order(epoch)[pos : pos + take])
+            self.cursor += take
+            need -= take
+        return np.concatenate(out)

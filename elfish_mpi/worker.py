@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from . import data as datamod
+from .data import Sampler  # noqa: F401  (the mini-batch order; worker.Sampler before it moved)
 from . import evaluation, profiling, signals, supervisor, transport
 from .comm import Comm
 from .config import Config
@@ -20,35 +21,6 @@ from .models import ModelSpec
 from .aggregation import worker_weight
 from .submodel import build_submodel, flat_params, full_model, load_flat, num_params
 from .throttle import Throttle, quota_corrections
-
-_DATA_STREAM = 0x64617461
-
-
-class Sampler:
-    """Mini-batches in a seeded per-epoch order; its whole state is ``cursor``."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, worker: int, cursor: int = 0):
-        self.n, self.batch_size, self.seed, self.worker = n, batch_size, seed, worker
-        self.cursor = int(cursor)
-        self._epoch, self._perm = -1, None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, _DATA_STREAM, self.worker, epoch])
-            self._epoch, self._perm = epoch, rng.permutation(self.n)
-        return self._perm
-
-    def next(self) -> np.ndarray:
-        out = []
-        need = min(self.batch_size, self.n) if self.n else 0
-        while need:
-            epoch, pos = divmod(self.cursor, self.n)
-            take = min(need, self.n - pos)
-            out.append(self._order(epoch)[pos : pos + take])
-            self.cursor += take
-            need -= take
-        return np.concatenate(out)
-
 
 def parse_fault(text: str) -> set[tuple[int, int]]:
     """``"RANK:ROUND[,RANK:ROUND...]"`` -> {(rank, round)}: where a test injects a NaN update."""

@@ -8,7 +8,7 @@ The same work as ``elfish-mpi train`` with strategy fedavg and one client per wo
 * the data: ``data.ClientParts`` (the same partition of the training set over the clients, by
   ``run.seed``); Flower's partition-id i is client i;
 * local training: ``steps`` SGD steps (lr, no momentum) of ``batch`` images each, in the order of
-  elfish_mpi.worker.Sampler (seeded by run.seed and the client; its cursor carried from round to
+  elfish_mpi.data.Sampler (seeded by run.seed and the client; its cursor carried from round to
   round: (round - 1) * steps * batch), one torch thread;
 * FedAvg weighted by the clients' sample counts (Flower's FedAvg, ``num-examples``);
 * centralized evaluation of every round's global model on the test set (``data.load_test_data``)
@@ -45,36 +45,8 @@ from flwr.simulation import run_simulation  # noqa: E402
 
 from elfish_mpi import data as datamod  # noqa: E402
 from elfish_mpi import evaluation  # noqa: E402
+from elfish_mpi.data import Sampler  # noqa: E402  (the same batch order as our workers)
 from elfish_mpi.models import get_spec  # noqa: E402
-
-_DATA_STREAM = 0x64617461  # elfish_mpi.worker._DATA_STREAM (worker.py imports MPI, not installed here)
-
-
-class Sampler:
-    """elfish_mpi.worker.Sampler: mini-batches in a seeded per-epoch order; its state is ``cursor``."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, worker: int, cursor: int = 0):
-        self.n, self.batch_size, self.seed, self.worker = n, batch_size, seed, worker
-        self.cursor = int(cursor)
-        self._epoch, self._perm = -1, None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, _DATA_STREAM, self.worker, epoch])
-            self._epoch, self._perm = epoch, rng.permutation(self.n)
-        return self._perm
-
-    def next(self) -> np.ndarray:
-        out = []
-        need = min(self.batch_size, self.n) if self.n else 0
-        while need:
-            epoch, pos = divmod(self.cursor, self.n)
-            take = min(need, self.n - pos)
-            out.append(self._order(epoch)[pos : pos + take])
-            self.cursor += take
-            need -= take
-        return np.concatenate(out)
-
 
 def settings() -> dict:
     """The job's settings: from the environment (a Ray actor does not see our argv)."""

@@ -1,4 +1,4 @@
-"""Unit tests for elfish_mpi.worker.Sampler: seeded epoch order whose whole state is a cursor."""
+"""Unit tests for elfish_mpi.data.Sampler (worker.Sampler): seeded epoch order whose whole state is a cursor."""
 from __future__ import annotations
 
 import numpy as np
