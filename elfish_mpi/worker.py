@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from . import data as datamod
-from .data import Sampler  # noqa: F401  (the mini-batch order; worker.Sampler before it moved)
+from .data import Sampler  # (the mini-batch order; importable from here as before)
 from . import evaluation, profiling, signals, supervisor, transport
 from .comm import Comm
 from .config import Config
@@ -21,6 +21,7 @@ from .models import ModelSpec
 from .aggregation import worker_weight
 from .submodel import build_submodel, flat_params, full_model, load_flat, num_params
 from .throttle import Throttle, quota_corrections
+
 
 def parse_fault(text: str) -> set[tuple[int, int]]:
     """``"RANK:ROUND[,RANK:ROUND...]"`` -> {(rank, round)}: where a test injects a NaN update."""
@@ -46,7 +47,7 @@ def train_step(model, opt, x, y, anchor=None, mu: float = 0.0) -> float:
 MATCH_WINDOW_MAX = 60.0  # seconds: the longest the quota matching runs unless workers.match_seconds asks more
 
 
-def match_quotas(comm: Comm, throttle: Throttle | None, step, capacities, seconds: float) -> np.ndarray | None:
+def match_quotas(comm: Comm, throttle: Throttle | None, step, capacities, seconds: float) -> np.ndarray:
     """Measure, on every worker at once, the CPU a full-model step takes under its quota, and
     scale each worker's quota by its CPU per step over the full-speed workers'
     (:func:`throttle.quota_corrections`). Every rank calls it (rank 0 with ``throttle`` None
@@ -96,7 +97,7 @@ class Worker:
         self.index = comm.rank - 1
         num_workers = comm.size - 1
         self.speeds = list(setup["speeds"])  # each client's starting capacity (clients.py)
-        self.match_quotas = bool(setup.get("match_quotas", False))  # (cgroup: Aggregator.run matches with it)
+        self.matches_quotas = bool(setup.get("match_quotas", False))  # (cgroup: Aggregator.run matches with it)
         self.pinned = cfg.pinned(num_workers)
         # pinned: the rank is its client's device (profiled and evaluating at its capacity);
         # otherwise a host of clients at full speed, slowed to each client's while it trains it
@@ -236,7 +237,7 @@ class Worker:
         rank = self.comm.rank
         try:
             self.comm.barrier()  # every worker starts (timing) at once, under the same load
-            if self.match_quotas:
+            if self.matches_quotas:
                 supervisor.note("while matching the cgroup quotas")
                 match_quotas(self.comm, self.throttle, self.full_step(), self.throttle.capacities,
                              self.cfg.workers.match_seconds)
