@@ -54,7 +54,8 @@ class Aggregator:
         # every client takes part, each on its own rank: /workers/<name>[:, w] is worker rank w + 1's
         self.slots_are_ranks = self.clients.pinned and self.clients.per_round == self.clients.count
         self.model = full_model(spec)  # (the evaluation's module: the flat model is loaded into it)
-        spec.macs(spec.full_widths())  # the cost polynomial is fitted here, at start-up, not in round 1 (2 s for ResNet-18)
+        if self.strategy.cuts:  # the cost polynomial is fitted here, at start-up, not in round 1 (2 s for ResNet-18)
+            spec.macs(spec.full_widths())
         resume = setup.get("resume_ckpt")
         if resume is not None:
             self._restore(resume)

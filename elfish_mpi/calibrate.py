@@ -121,6 +121,7 @@ class _Work:
 
         from . import data as datamod
         from .models import spec_of
+        from .optim import SGD
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(index)
@@ -132,7 +133,7 @@ class _Work:
         self.y = torch.from_numpy(part.labels.astype(np.int64))
         spec = spec_of({"name": args.model}, setup["num_classes"], tuple(setup["in_shape"]))
         self.model = spec.init_module()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.opt = SGD(self.model.parameters(), lr=0.01)
         self.batch_size, self.cursor = args.batch_size, 0
 
     def batch(self):

@@ -65,4 +65,4 @@ def keep_ratio(spec: ModelSpec, kept: dict) -> float:
 
 def compute_ratio(spec: ModelSpec, kept: dict) -> float:
     """Share of the full model's forward multiply-accumulates that the kept sub-network does."""
-    return spec.macs(widths_of(spec, kept)) / spec.macs()
+    return spec.macs_share(widths_of(spec, kept))

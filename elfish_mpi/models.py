@@ -110,7 +110,7 @@ class ModelSpec:
         for g in self.groups:
             for s in g.slices:
                 self._axes.setdefault(s.tensor, []).append((s.axis % len(state[s.tensor].shape), g.name, s.block))
-        if check:  # (a forward pass on the meta device: its first costs torch 1 s of imports)
+        if check:  # (a forward pass of a network one unit wide)
             self._check_forward()
 
     # -- construction -----------------------------------------------------------
@@ -194,15 +194,17 @@ class ModelSpec:
 
     def _check_forward(self) -> None:
         """The smallest sub-network (one unit of every group) must run and give one output per
-        class: otherwise a layer that reads a group is missing from its slices."""
+        class: otherwise a layer that reads a group is missing from its slices. Run on the CPU
+        (one sample, zeros; a network one unit wide costs next to nothing), not on the meta
+        device, whose first elementwise operation costs torch 1.1 s of imports."""
         small = {g.name: g.unit for g in self.groups}
         try:
-            out = self._meta_forward(small)
+            out = self._zeros_forward(small)
         except Exception as exc:
             culprit = ""
             for g in self.groups:  # the first group that fails alone (the others full)
                 try:
-                    self._meta_forward({g.name: g.unit})
+                    self._zeros_forward({g.name: g.unit})
                 except Exception:
                     culprit = f"group {g.name}: "
                     break
@@ -222,14 +224,22 @@ class ModelSpec:
             shape = shapes.get(key, tuple(t.shape))
             owner_name, _, leaf = key.rpartition(".")
             owner = m.get_submodule(owner_name) if owner_name else m
-            new = torch.empty(shape, dtype=t.dtype, device="meta")
+            new = torch.empty(shape, dtype=t.dtype, device=device)
             if leaf in owner._parameters:
                 owner._parameters[leaf] = nn.Parameter(new, requires_grad=t.requires_grad)
             else:
                 owner._buffers[leaf] = new
         _fix_attributes(m)
         if device != "meta":
-            m = m.to_empty(device=device)
+            # what is still on the meta device (buffers outside the state_dict): made empty on the
+            # device here, not by Module.to_empty, whose empty_like of a meta tensor runs torch's
+            # Python reference kernels and costs every process 1.1 s of imports (sympy)
+            for mod in m.modules():
+                for table in (mod._parameters, mod._buffers):
+                    for leaf, t in table.items():
+                        if t is not None and t.is_meta:
+                            new = torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
+                            table[leaf] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
             if self._extra:  # buffers outside the flat state (integer, non-persistent): the factory's values
                 with torch.no_grad():
                     for key, value in self._extra_values.items():
@@ -296,6 +306,15 @@ class ModelSpec:
             for h in handles:
                 h.remove()
 
+    def _zeros_forward(self, widths: dict[str, int]):
+        m = self.module(widths)
+        with torch.no_grad():
+            for t in m.state_dict(keep_vars=True).values():
+                if t.is_floating_point():
+                    t.zero_()
+            m.eval()
+            return m(torch.zeros((1, *self.in_shape)))
+
     @functools.lru_cache(maxsize=4096)
     def _count(self, key: tuple) -> int:
         from torch.utils.flop_counter import FlopCounterMode
@@ -312,6 +331,14 @@ class ModelSpec:
         if self._poly is not None:
             return self._poly(key)
         return self._count(key)
+
+    def macs_share(self, widths: dict[str, int] | None = None) -> float:
+        """``macs(widths) / macs()``; the full model's is 1 without counting (counting runs a
+        forward pass on the meta device, whose first costs torch 1.1 s of imports)."""
+        key = self._key(widths)
+        if key == self._key(None):
+            return 1.0
+        return self.macs(widths) / self.macs()
 
     @functools.cached_property
     def _poly(self):

@@ -43,6 +43,7 @@ def soft_training(args) -> int:
     from .masking import compute_ratio, make_masks
     from .models import get_spec
     from .submodel import build_submodel, flat_params
+    from .optim import SGD
     from .worker import train_step
 
     torch.set_num_threads(args.threads)
@@ -61,7 +62,7 @@ def soft_training(args) -> int:
         for r in ratios:
             kept = make_masks(spec, {n: r for n in spec.maskable}, "random", seed=0, round=1, worker=0)
             net, _ = build_submodel(spec, kept, full)
-            nets[r] = (net, torch.optim.SGD(net.parameters(), lr=0.01), compute_ratio(spec, kept))
+            nets[r] = (net, SGD(net.parameters(), lr=0.01), compute_ratio(spec, kept))
         times = {r: [] for r in ratios}
         n = len(y)
         for rep in range(args.repeats):  # interleave ratios so that machine noise hits all alike

@@ -58,7 +58,7 @@ def widths_for(spec: ModelSpec, ratios: dict[str, float]) -> dict[str, int]:
 
 
 def macs_fraction(spec: ModelSpec, ratios: dict[str, float]) -> float:
-    return spec.macs(widths_for(spec, ratios)) / spec.macs()
+    return spec.macs_share(widths_for(spec, ratios))
 
 
 def memory_bytes(spec: ModelSpec, ratios: dict[str, float], batch_size: int) -> float:

@@ -69,6 +69,7 @@ class Strategy:
     name = "base"
     mask_policy = "ordered"
     uses_planner = False
+    cuts = False  # whether a client may train a sub-network (else the full model, whose cost needs no counting)
     paper_weighting = "samples"  # the rule of the strategy's own paper (strategy.weighting = auto)
 
     def __init__(self, cfg: Config, spec: ModelSpec, num_clients: int):
@@ -176,6 +177,7 @@ class FedProxPartial(Strategy):
 class HeteroFL(Strategy):
     name = "heterofl"
     uses_planner = True
+    cuts = True
     mask_policy = "ordered"
     paper_weighting = "count"
 
@@ -206,6 +208,7 @@ class FedRolex(HeteroFL):
 class Elfish(Strategy):
     name = "elfish"
     uses_planner = True
+    cuts = True
 
     @property
     def mask_policy(self) -> str:

@@ -18,6 +18,7 @@ from .clients import rank_capacities
 from .masking import keep_ratio, make_masks
 from .protocol import Plan, Task, eval_buffer, mask_buffer, new_update, peak_memory, unpack_masks
 from .models import ModelSpec
+from .optim import SGD
 from .aggregation import worker_weight
 from .submodel import build_submodel, flat_params, full_model, load_flat, num_params
 from .throttle import Throttle, quota_corrections
@@ -138,7 +139,7 @@ class Worker:
         with torch.random.fork_rng(devices=[]):  # (leaves torch's random state as it was)
             torch.manual_seed(self.cfg.run.seed)
             model = self.spec.init_module()
-        opt = torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr)
+        opt = SGD(model.parameters(), lr=self.cfg.train.lr)
         part = self.parts.client(self.index)
         y = torch.from_numpy(part.labels.astype(np.int64))
         probe = Sampler(len(y), self.cfg.train.batch_size, self.cfg.run.seed + 2, self.index)
@@ -166,7 +167,7 @@ class Worker:
             ratios = profiling.ratios_of(self.spec, row)
             kept = make_masks(self.spec, ratios, "ordered", seed=0, round=0, worker=self.index)
             model, _ = build_submodel(self.spec, kept, base)
-            models.append((model, torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr)))
+            models.append((model, SGD(model.parameters(), lr=self.cfg.train.lr)))
         # (layers:) two passes over all configurations, so that a burst of load on the machine
         # spreads over them instead of falling on one; a warm-up step before each timing.
         for _ in range(profiling.passes(kind)):
@@ -203,7 +204,7 @@ class Worker:
         sampler = Sampler(len(y), self.cfg.train.batch_size, self.cfg.run.seed, task.client, task.cursor)
         model, idx = build_submodel(self.spec, kept, self.flat)
         start = self.flat[idx]
-        opt = torch.optim.SGD(model.parameters(), lr=self.cfg.train.lr, momentum=self.cfg.train.momentum)
+        opt = SGD(model.parameters(), lr=self.cfg.train.lr, momentum=self.cfg.train.momentum)
         anchor = [p.detach().clone() for p in model.parameters()] if task.mu > 0 else None
         reported = virtual = loss_sum = 0.0
         steps, late = 0, False
