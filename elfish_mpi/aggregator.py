@@ -54,7 +54,9 @@ class Aggregator:
         # every client takes part, each on its own rank: /workers/<name>[:, w] is worker rank w + 1's
         self.slots_are_ranks = self.clients.pinned and self.clients.per_round == self.clients.count
         self.model = full_model(spec)  # (the evaluation's module: the flat model is loaded into it)
-        if self.strategy.cuts:  # the cost polynomial is fitted here, at start-up, not in round 1 (2 s for ResNet-18)
+        # the cost polynomial is fitted here, at start-up, not in round 1 or the profiling (2 s for
+        # ResNet-18), for a strategy that cuts sub-networks or plans from profiles (FedAvg: never)
+        if self.strategy.cuts or self.strategy.needs_planner:
             spec.macs(spec.full_widths())
         resume = setup.get("resume_ckpt")
         if resume is not None:

@@ -195,8 +195,9 @@ class ModelSpec:
     def _check_forward(self) -> None:
         """The smallest sub-network (one unit of every group) must run and give one output per
         class: otherwise a layer that reads a group is missing from its slices. Run on the CPU
-        (one sample, zeros; a network one unit wide costs next to nothing), not on the meta
-        device, whose first elementwise operation costs torch 1.1 s of imports."""
+        in training mode (one sample of zeros; a network one unit wide costs next to nothing),
+        not on the meta device, whose first elementwise operation costs torch 1.1 s of imports;
+        on failure, the search for the group to name runs on the meta device (no memory)."""
         small = {g.name: g.unit for g in self.groups}
         try:
             out = self._zeros_forward(small)
@@ -204,7 +205,7 @@ class ModelSpec:
             culprit = ""
             for g in self.groups:  # the first group that fails alone (the others full)
                 try:
-                    self._zeros_forward({g.name: g.unit})
+                    self._meta_forward({g.name: g.unit})
                 except Exception:
                     culprit = f"group {g.name}: "
                     break
@@ -234,12 +235,15 @@ class ModelSpec:
             # what is still on the meta device (buffers outside the state_dict): made empty on the
             # device here, not by Module.to_empty, whose empty_like of a meta tensor runs torch's
             # Python reference kernels and costs every process 1.1 s of imports (sympy)
+            made = {}  # (a tensor shared by two modules stays shared)
             for mod in m.modules():
                 for table in (mod._parameters, mod._buffers):
                     for leaf, t in table.items():
                         if t is not None and t.is_meta:
-                            new = torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
-                            table[leaf] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+                            if id(t) not in made:  # (the meta tensor is kept with it: its id stays its own)
+                                new = torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
+                                made[id(t)] = (t, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
+                            table[leaf] = made[id(t)][1]
             if self._extra:  # buffers outside the flat state (integer, non-persistent): the factory's values
                 with torch.no_grad():
                     for key, value in self._extra_values.items():
@@ -307,13 +311,16 @@ class ModelSpec:
                 h.remove()
 
     def _zeros_forward(self, widths: dict[str, int]):
-        m = self.module(widths)
-        with torch.no_grad():
-            for t in m.state_dict(keep_vars=True).values():
-                if t.is_floating_point():
-                    t.zero_()
-            m.eval()
-            return m(torch.zeros((1, *self.in_shape)))
+        """A forward pass of one image of zeros through the module at ``widths`` with zero
+        values, in training mode (the mode the workers run), leaving torch's random state as
+        it was (a dropout draws from it)."""
+        with torch.random.fork_rng(devices=[]):
+            m = self.module(widths)
+            with torch.no_grad():
+                for t in m.state_dict(keep_vars=True).values():
+                    if t.is_floating_point():
+                        t.zero_()
+                return m.train()(torch.zeros((1, *self.in_shape)))
 
     @functools.lru_cache(maxsize=4096)
     def _count(self, key: tuple) -> int:
@@ -733,7 +740,10 @@ class ViT(nn.Module):
             raise ModelError(f"vit-tiny needs image sides divisible by its patch size {patch}, got {tuple(in_shape)}")
         self.embed = nn.Conv2d(c, dim, patch, patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, (h // patch) * (w // patch) + 1, dim) * 0.02)
+        shape = (1, (h // patch) * (w // patch) + 1, dim)
+        # (described on the meta device, the values do not matter, and arithmetic there would
+        # cost torch 1.1 s of imports: an empty tensor)
+        self.pos = nn.Parameter(torch.empty(shape) if torch.empty(0).is_meta else torch.randn(shape) * 0.02)
         self.blocks = nn.Sequential(*[EncoderBlock(dim, heads, dim // heads, hidden) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)

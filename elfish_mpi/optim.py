@@ -25,7 +25,7 @@ class SGD:
             raise ValueError(f"SGD: lr must be >= 0, got {lr}")
         if not momentum >= 0.0:
             raise ValueError(f"SGD: momentum must be >= 0, got {momentum}")
-        self.params = [p for p in params if p.requires_grad]
+        self.params = list(params)  # (all of them, as torch.optim: one without a gradient is skipped at each step)
         self.lr, self.momentum = float(lr), float(momentum)
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
 

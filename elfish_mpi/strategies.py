@@ -69,7 +69,7 @@ class Strategy:
     name = "base"
     mask_policy = "ordered"
     uses_planner = False
-    cuts = False  # whether a client may train a sub-network (else the full model, whose cost needs no counting)
+    cuts = False  # whether a client may train a sub-network (else the full model, whose MACs share is 1 uncounted)
     paper_weighting = "samples"  # the rule of the strategy's own paper (strategy.weighting = auto)
 
     def __init__(self, cfg: Config, spec: ModelSpec, num_clients: int):

@@ -400,6 +400,32 @@ def test_a_failing_forward_names_the_group_even_without_a_message():
         ModelSpec("picky", lambda: (Picky(), [group("c", 8, slices)]), (1, 28, 28), 10)
 
 
+def test_the_check_runs_the_training_forward_pass_and_leaves_the_random_state():
+    class TrainOnly(nn.Module):  # a layer reached only in training reads the group, and is missing from it
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3)
+            self.aux = nn.Conv2d(8, 8, 1)
+            self.drop = nn.Dropout(0.5)
+            self.fc = nn.Linear(8 * 26 * 26, 10)
+
+        def forward(self, x):
+            h = self.drop(self.conv(x))
+            if self.training:
+                h = h + 0 * self.aux(h)
+            return self.fc(torch.flatten(h, 1))
+
+    slices = [("conv.weight", 0), ("conv.bias", 0), ("fc.weight", 1, 676)]
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    with pytest.raises(ModelError, match="group c: its sub-networks do not run"):
+        ModelSpec("train-only", lambda: (TrainOnly(), [group("c", 8, slices)]), (1, 28, 28), 10)
+    complete = slices + [("aux.weight", 0), ("aux.bias", 0), ("aux.weight", 1)]
+    spec = ModelSpec("train-only", lambda: (TrainOnly(), [group("c", 8, complete)]), (1, 28, 28), 10)
+    assert spec.maskable == ["c"]
+    assert torch.equal(torch.random.get_rng_state(), state)  # (the check's dropout drew from a fork)
+
+
 def test_buffers_outside_the_float_state_are_the_factorys_on_every_rank():
     spec = MODELS["own-depthwise"]()
     torch.manual_seed(0)
