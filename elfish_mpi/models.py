@@ -82,6 +82,9 @@ def group(name: str, size: int, slices, unit: int = 1) -> Group:
 
 
 # --------------------------------------------------------------------------- the description
+CHECK_BATCH = 2  # images in the model's check (training mode: a BatchNorm needs more than one value a channel)
+
+
 class ModelSpec:
     """A model for the program: its factory, groups, flat layout and costs (see the module
     docstring). ``factory()`` returns ``(module, groups)``; the module it returns is the
@@ -195,26 +198,32 @@ class ModelSpec:
     def _check_forward(self) -> None:
         """The smallest sub-network (one unit of every group) must run and give one output per
         class: otherwise a layer that reads a group is missing from its slices. Run on the CPU
-        in training mode (one sample of zeros; a network one unit wide costs next to nothing),
-        not on the meta device, whose first elementwise operation costs torch 1.1 s of imports;
-        on failure, the search for the group to name runs on the meta device (no memory)."""
+        in training mode (two samples of zeros: a BatchNorm in training needs more than one
+        value a channel; a network one unit wide costs next to nothing), not on the meta device,
+        whose first elementwise operation costs torch 1.1 s of imports; on failure, the search
+        for the group to name runs on the meta device (no memory)."""
         small = {g.name: g.unit for g in self.groups}
         try:
             out = self._zeros_forward(small)
         except Exception as exc:
             culprit = ""
-            for g in self.groups:  # the first group that fails alone (the others full)
-                try:
-                    self._meta_forward({g.name: g.unit})
-                except Exception:
-                    culprit = f"group {g.name}: "
-                    break
+            try:  # (a full model that fails as well: no group is to blame)
+                self._meta_forward({}, batch=CHECK_BATCH)
+            except Exception:
+                pass
+            else:
+                for g in self.groups:  # the first group that fails alone (the others full)
+                    try:
+                        self._meta_forward({g.name: g.unit}, batch=CHECK_BATCH)
+                    except Exception:
+                        culprit = f"group {g.name}: "
+                        break
             raise ModelError(
                 f"model {self.name}: {culprit}its sub-networks do not run ({type(exc).__name__}: {_first_line(exc)}); "
                 "every tensor axis that reads or writes a group's neurons must be one of that group's slices"
             ) from None
-        if tuple(out.shape) != (1, self.num_classes):
-            raise ModelError(f"model {self.name}: a sub-network's output has shape {tuple(out.shape)}, not (1, {self.num_classes}): a group cuts the classifier's outputs")
+        if tuple(out.shape) != (CHECK_BATCH, self.num_classes):
+            raise ModelError(f"model {self.name}: a sub-network's output has shape {tuple(out.shape)}, not ({CHECK_BATCH}, {self.num_classes}): a group cuts the classifier's outputs")
 
     def module(self, widths: dict[str, int] | None = None, device: str = "cpu") -> nn.Module:
         """The module at ``widths`` (neurons per group; absent: full) with uninitialised
@@ -300,18 +309,18 @@ class ModelSpec:
         widths = widths or {}
         return tuple(int(widths.get(g.name, g.size)) for g in self.groups)
 
-    def _meta_forward(self, widths: dict[str, int], hook=None):
+    def _meta_forward(self, widths: dict[str, int], hook=None, batch: int = 1):
         m = self.module(widths, device="meta")
         handles = [mod.register_forward_hook(hook) for mod in m.modules() if not list(mod.children())] if hook else []
         try:
             with torch.no_grad():
-                return m(torch.empty((1, *self.in_shape), device="meta"))
+                return m(torch.empty((batch, *self.in_shape), device="meta"))
         finally:
             for h in handles:
                 h.remove()
 
     def _zeros_forward(self, widths: dict[str, int]):
-        """A forward pass of one image of zeros through the module at ``widths`` with zero
+        """A forward pass of :data:`CHECK_BATCH` images of zeros through the module at ``widths`` with zero
         values, in training mode (the mode the workers run), leaving torch's random state as
         it was (a dropout draws from it)."""
         with torch.random.fork_rng(devices=[]):
@@ -320,7 +329,7 @@ class ModelSpec:
                 for t in m.state_dict(keep_vars=True).values():
                     if t.is_floating_point():
                         t.zero_()
-                return m.train()(torch.zeros((1, *self.in_shape)))
+                return m.train()(torch.zeros((CHECK_BATCH, *self.in_shape)))
 
     @functools.lru_cache(maxsize=4096)
     def _count(self, key: tuple) -> int:

@@ -426,6 +426,50 @@ def test_the_check_runs_the_training_forward_pass_and_leaves_the_random_state():
     assert torch.equal(torch.random.get_rng_state(), state)  # (the check's dropout drew from a fork)
 
 
+def test_the_check_passes_a_batchnorm_of_one_value_a_channel():
+    # a BatchNorm1d after a Linear normalises one value a channel an image: valid for training
+    # batches, and the check (in training mode) must not refuse it
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    slices = [("1.weight", 0), ("1.bias", 0), ("2.weight", 0), ("2.bias", 0), ("2.running_mean", 0),
+              ("2.running_var", 0), ("4.weight", 1)]
+    spec = ModelSpec("bn1d", lambda: (model, [group("h", 16, slices)]), (1, 28, 28), 10)
+    out = spec.module({"h": 4}).train()(torch.randn(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+
+
+def test_a_model_that_fails_whole_names_no_group():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3)
+            self.fc = nn.Linear(8 * 26 * 26, 10)
+
+        def forward(self, x):
+            raise RuntimeError("broken whatever the widths")
+
+    slices = [("conv.weight", 0), ("conv.bias", 0), ("fc.weight", 1, 676)]
+    with pytest.raises(ModelError, match="model broken: its sub-networks do not run \\(RuntimeError: broken"):
+        ModelSpec("broken", lambda: (Broken(), [group("c", 8, slices)]), (1, 28, 28), 10)
+
+
+def test_a_buffer_shared_by_two_layers_stays_shared():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(784, 8), nn.Linear(8, 10)
+            scale = torch.full((1,), 2.0)
+            self.a.register_buffer("scale", scale, persistent=False)
+            self.b.register_buffer("scale", scale, persistent=False)
+
+        def forward(self, x):
+            return self.b(self.a(x.flatten(1)) * self.a.scale) * self.b.scale
+
+    slices = [("a.weight", 0), ("a.bias", 0), ("b.weight", 1)]
+    spec = ModelSpec("shared", lambda: (Shared(), [group("h", 8, slices)]), (1, 28, 28), 10)
+    for module in (submodel.full_model(spec), spec.module({"h": 2})):
+        assert module.a.scale is module.b.scale and float(module.b.scale) == 2.0
+
+
 def test_buffers_outside_the_float_state_are_the_factorys_on_every_rank():
     spec = MODELS["own-depthwise"]()
     torch.manual_seed(0)
