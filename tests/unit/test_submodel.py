@@ -438,18 +438,16 @@ def test_the_check_passes_a_batchnorm_of_one_value_a_channel():
 
 
 def test_a_model_that_fails_whole_names_no_group():
-    class Broken(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 8, 3)
-            self.fc = nn.Linear(8 * 26 * 26, 10)
-
+    class Fail(nn.Module):
         def forward(self, x):
             raise RuntimeError("broken whatever the widths")
 
-    slices = [("conv.weight", 0), ("conv.bias", 0), ("fc.weight", 1, 676)]
+    def factory():
+        return nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 26 * 26, 10), Fail())
+
+    slices = [("0.weight", 0), ("0.bias", 0), ("2.weight", 1, 676)]
     with pytest.raises(ModelError, match="model broken: its sub-networks do not run \\(RuntimeError: broken"):
-        ModelSpec("broken", lambda: (Broken(), [group("c", 8, slices)]), (1, 28, 28), 10)
+        ModelSpec("broken", lambda: (factory(), [group("c", 8, slices)]), (1, 28, 28), 10)
 
 
 def test_a_buffer_shared_by_two_layers_stays_shared():
