@@ -17,7 +17,7 @@ import torch
 
 class SGD:
     """``torch.optim.SGD(params, lr=lr, momentum=momentum)`` for what the workers use of it:
-    ``zero_grad(set_to_none=True)`` and ``step()``. The momentum buffers start from zero (a
+    ``zero_grad(set_to_none=...)`` and ``step()``. The momentum buffers start from zero (a
     new optimizer each round, as the workers make)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0):
