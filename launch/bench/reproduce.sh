@@ -101,6 +101,7 @@ elfish-mpi bench --config $CFG -n 5 --strategies fedavg,elfish --seeds 0,1 --fle
 [ -e "$OUT/10-ranks-alexnet" ] || python "$(dirname "$0")/ranks.py" --ranks 5,9,17 --out "$OUT/10-ranks-alexnet" \
     --set run.rounds=4 --set strategy.profile=quick --set model.name=alexnet --set data.name=cifar10 --set train.local_steps=5
 python "$(dirname "$0")/exit_latency.py" --ranks 5,9 --repeats 5 | tee "$OUT/10-exit-latency.md"
+python "$(dirname "$0")/cpu_costs.py" | tee "$OUT/10-cpu-costs.md"
 
 # 11. Checkpoint size with a long mask history, format_version 2 against 1.
 step "11. checkpoint size"
@@ -128,5 +129,5 @@ python "$(dirname "$0")/clients_scale.py" --ranks 5,17 --rounds 5 --out "$OUT/14
 step "15. side by side with Flower's simulation"
 [ -e "$OUT/15-flower/summary.md" ] || python "$(dirname "$0")/flower.py" --clients 4,8 --rounds 15 --repeats 3 \
     --out "$OUT/15-flower" | tee "$OUT/15-flower.md"
-[ -e "$OUT/15-flower-2w/summary.md" ] || python "$(dirname "$0")/flower.py" --clients 8 --ours-workers 2 --rounds 15 \
+[ -e "$OUT/15-flower-2w/summary.md" ] || python "$(dirname "$0")/flower.py" --clients 4,8 --ours-workers 2 --rounds 15 \
     --repeats 3 --out "$OUT/15-flower-2w" | tee "$OUT/15-flower-2w.md"
